@@ -1,0 +1,56 @@
+"""The agent's configuration: one pydantic model, also read from `GRADWATCH_*` environment variables.
+
+Every field has a safe default so `HealthAgent(model, optimizer)` works unconfigured; every bad value
+is rejected at construction with the field name and the reason, before a single step is taken.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
+
+
+class AgentConfig(BaseSettings):
+    """How much the agent measures, how often, and where it sends it.
+
+    Sampling intervals are step counts, never wall-clock: every rank must take the same decision at
+    the same step, or the ranks issue different collectives and the job hangs.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="GRADWATCH_", extra="forbid", validate_assignment=True)
+
+    job: str = Field("gradwatch", description="Job name, the `job` label of every series.")
+    stats_every: int = Field(1, ge=1, description="Measure gradients and loss every N optimizer steps.")
+    activation_every: int = Field(
+        10, ge=0, description="Full activation statistics every N steps (0 = no activation hooks)."
+    )
+    update_ratio_every: int = Field(
+        10, ge=0, description="Measure ||dw||/||w|| of every N-th step (0 = never); costs one copy of the local parameters for one step."
+    )
+    layer_depth: Optional[int] = Field(
+        None, ge=1, description="Group parameters by the first N components of their module path (None = one layer per parameter tensor)."
+    )
+    max_layers: int = Field(256, ge=1, le=10_000, description="Cap on reported layers; grouping coarsens automatically to stay under it.")
+    max_activation_modules: int = Field(128, ge=1, le=10_000, description="Cap on hooked activation modules.")
+    metrics_port: Optional[int] = Field(
+        0, ge=0, le=65535, description="Rank 0 serves Prometheus metrics on this port (0 = a free port, logged). None = no server."
+    )
+    metrics_addr: str = Field("0.0.0.0", description="Address the metrics server binds.")
+    jsonl_path: Optional[Path] = Field(None, description="Also write every measured step as one JSON line here (rank 0).")
+
+    mode: Literal["observe", "off"] = Field("observe", description="`off` makes agent.step a plain optimizer step.")
+
+    @field_validator("job")
+    @classmethod
+    def _job_is_a_label_value(cls, value: str) -> str:
+        if not _LABEL_VALUE.match(value):
+            raise ValueError(
+                f"job={value!r} must be 1-128 characters of letters, digits and _.:-/ (it becomes a Prometheus label)"
+            )
+        return value

@@ -1,0 +1,91 @@
+"""Per-layer gradient and weight statistics, computed on the device in a few batched kernels.
+
+`torch._foreach_norm` gives every parameter's L2 and max-abs norm in one fused launch each; an
+`index_add_`/`scatter_reduce_` folds them into layers. Nothing here reads a value back to the host.
+
+What is exact where:
+* DDP (and single process): gradients are already averaged and identical on every rank, so the
+  per-layer values are final locally and travel as LOCAL packet entries (no collective).
+* FSDP2 / FSDP1: each rank holds a shard, so each rank contributes its shard's sum of squares
+  (SUM across ranks gives the full tensor's squared norm) and its shard's max-abs (MAX across).
+  Gradient norms are fp32 like `clip_grad_norm_`: a norm above ~1.8e19 reads as +inf, while
+  max-abs, which cannot overflow, decides the non-finite flag.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .layers import LayerPlan
+from .packet import Entry, Packet, Reduce
+
+_INF = float("inf")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of a DTensor (FSDP2), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+class GradStats:
+    """Folds parameter-level norms into the layer plan's layers."""
+
+    def __init__(self, plan: LayerPlan, device: torch.device, sharded: bool) -> None:
+        self.plan = plan
+        self.sharded = sharded
+        self.op = Reduce.SUM if sharded else Reduce.LOCAL
+        self.max_op = Reduce.MAX if sharded else Reduce.LOCAL
+        self._layer_index = torch.tensor(plan.layer_of_param, dtype=torch.long, device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
+        self._snapshot: Optional[list[torch.Tensor]] = None
+
+    def _usable(self, tensors: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+        # A missing gradient (frozen branch, unused parameter) or an empty FSDP shard counts as zero.
+        return [self._zero if t is None or t.numel() == 0 else t for t in tensors]
+
+    def _grads(self) -> list[torch.Tensor]:
+        return self._usable([None if p.grad is None else _local(p.grad.detach()) for p in self.plan.params])
+
+    def _weights(self) -> list[torch.Tensor]:
+        return self._usable([_local(p.detach()) for p in self.plan.params])
+
+    def _per_layer_sumsq(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double()
+        out = torch.zeros(self.plan.num_layers, dtype=torch.float64, device=norms.device)
+        return out.index_add_(0, self._layer_index, norms * norms)
+
+    def _per_layer_max_abs(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        maxes = torch.stack(torch._foreach_norm(tensors, _INF, dtype=torch.float32)).double()
+        out = torch.zeros(self.plan.num_layers, dtype=torch.float64, device=maxes.device)
+        return out.scatter_reduce_(0, self._layer_index, maxes, "amax")
+
+    def spec(self, with_update: bool) -> list[Entry]:
+        n = self.plan.num_layers
+        entries = [Entry("grad_sumsq", self.op, n), Entry("grad_max_abs", self.max_op, n), Entry("weight_sumsq", self.op, n)]
+        if with_update:
+            entries += [Entry("update_sumsq", self.op, n), Entry("update_base_sumsq", self.op, n)]
+        return entries
+
+    def add_gradients(self, packet: Packet) -> None:
+        grads = self._grads()
+        packet.put("grad_sumsq", self._per_layer_sumsq(grads))
+        packet.put("grad_max_abs", self._per_layer_max_abs(grads))
+
+    def add_weights(self, packet: Packet) -> None:
+        """Weight norms and, if a snapshot is pending, the update of the step it was taken before."""
+        weights = self._weights()
+        packet.put("weight_sumsq", self._per_layer_sumsq(weights))
+        if "update_sumsq" in packet:
+            snapshot, self._snapshot = self._snapshot, None
+            if snapshot is None:
+                raise RuntimeError("update ratio due but no weight snapshot was taken")
+            packet.put("update_sumsq", self._per_layer_sumsq(torch._foreach_sub(weights, snapshot)))
+            packet.put("update_base_sumsq", self._per_layer_sumsq(snapshot))
+
+    def take_snapshot(self) -> None:
+        """Copy the local weights so the next measured step can report ||dw||/||w|| (one step of memory)."""
+        self._snapshot = [w.clone() for w in self._weights()]
+

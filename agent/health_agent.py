@@ -1,0 +1,354 @@
+"""`HealthAgent`: the one object a training script talks to.
+
+`agent.step(optimizer, loss=loss)` replaces `optimizer.step()`. On a measured step it, in order:
+  1. unscales AMP gradients (if a GradScaler is passed), so statistics are of true gradients;
+  2. computes per-layer gradient and weight statistics on the device, and folds in the activation
+     statistics the forward hooks accumulated since the last step;
+  3. issues 0-2 collectives and 1 host copy (see packet.py) - the same on every rank, decided by the
+     step counter alone;
+  4. steps the optimizer (through the scaler, if any);
+  5. hands the step's record to the exporter (rank 0) and to the background publisher.
+
+Costs per measured step (documented in docs/agent.md, counted in gradwatch_agent_* metrics):
+  host-device syncs: 1.
+  collectives: 0 in one process; DDP: 1 (SUM), 2 on activation-sampled steps (SUM + MAX);
+  FSDP: 2 (SUM + MAX).
+
+Fail-open: an exception inside the agent never reaches the training loop. A failure on one rank is
+raised as a flag inside the next all-reduce, so every rank switches the failed feature off at the
+same step and the collectives stay matched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from .activations import ActivationMonitor
+from .config import AgentConfig
+from .exporter import AgentState, MetricsServer
+from .grad_stats import GradStats
+from .layers import build_layer_plan
+from .packet import Counters, Entry, Packet, Reduce
+from .publisher import JsonlSink, Publisher
+from .stats import (
+    RANK_FIELDS,
+    RANK_INDEX,
+    NanOrigin,
+    StepStats,
+    decode_activations,
+    decode_ranks,
+    find_nan_origin,
+)
+from .topology import detect
+
+log = logging.getLogger("gradwatch.agent")
+
+Listener = Callable[[StepStats], None]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gradwatch")
+    except Exception:
+        return "unknown"
+
+
+def _sqrt(value: float) -> float:
+    return math.sqrt(value) if value >= 0 else float("nan")
+
+
+def _ratio(update_sumsq: float, base_sumsq: float) -> float:
+    """||dw||/||w||; undefined (NaN) for an all-zero weight such as a freshly initialised bias, which
+    would otherwise read as an infinite ratio and page on the first step of every run."""
+    return math.sqrt(update_sumsq / base_sumsq) if base_sumsq > 0 else float("nan")
+
+
+class HealthAgent:
+    """Measures training health on every rank; see the module docstring for what a step costs."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        config: Optional[AgentConfig] = None,
+        **settings: Any,
+    ) -> None:
+        """`settings` are AgentConfig fields (`job="my-run"`); they override `GRADWATCH_*` variables."""
+        self.config = AgentConfig(**{**(config.model_dump() if config is not None else {}), **settings})
+        self.model = model
+        self.optimizer = optimizer
+        self.topology = detect(model)
+        self.rank, self.world_size = self.topology.rank, self.topology.world_size
+        self.state = AgentState(self.config.job, self.world_size, self.topology.sharding, _version())
+        self.counters = Counters()
+        self.last_stats: Optional[StepStats] = None
+        self.nan_origin: Optional[NanOrigin] = None
+        self._step = 0
+        self._enabled = {"stats": self.config.mode != "off"}
+        self._warned: set[str] = set()
+        self._listeners: list[Listener] = []
+        self._last_step_end = time.perf_counter()
+
+        plan = build_layer_plan(model, self.config.layer_depth, self.config.max_layers)
+        self.layers = plan.names
+        self._grads = GradStats(plan, self.topology.device, self.topology.sharded)
+        self._acts: Optional[ActivationMonitor] = None
+        if self.config.activation_every and self._enabled["stats"]:
+            self._acts = ActivationMonitor(model, self.topology.device, self.config.max_activation_modules)
+            self._acts.begin_step(self._activation_due(0), reset_sentinel=True)
+
+        self.metrics: Optional[MetricsServer] = None
+        sinks: dict[str, Callable[[StepStats], None]] = {}
+        self._jsonl: Optional[JsonlSink] = None
+        if self.rank == 0 and self._enabled["stats"]:
+            if self.config.metrics_port is not None:
+                try:
+                    self.metrics = MetricsServer(self.state, self.config.metrics_port, self.config.metrics_addr)
+                except Exception as exc:
+                    self._fail("export", exc)
+            if self.config.jsonl_path is not None:
+                try:
+                    self._jsonl = JsonlSink(self.config.jsonl_path)
+                    sinks["jsonl"] = self._jsonl
+                except Exception as exc:
+                    self._fail("jsonl", exc)
+        self._publisher = Publisher(sinks, self._fail)
+
+    @classmethod
+    def from_env(cls, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, **settings: Any) -> "HealthAgent":
+        """Configuration from `GRADWATCH_*` variables (as set by `gradwatch run`), `settings` on top."""
+        return cls(model, optimizer, **settings)
+
+    # ---- public surface -----------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken through the agent so far."""
+        return self._step
+
+    @property
+    def metrics_port(self) -> Optional[int]:
+        return self.metrics.port if self.metrics else None
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(stats)` for every measured step, on the publisher thread (rank 0)."""
+        self._publisher.sinks[f"listener-{len(self._listeners)}"] = listener
+        self._listeners.append(listener)
+
+    def step(
+        self,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        *,
+        loss: Union[torch.Tensor, float, None] = None,
+        scaler: Optional["torch.amp.GradScaler"] = None,
+    ) -> Any:
+        """Measure, then step the optimizer (via `scaler.step` if given; call `scaler.update()`
+        yourself as usual). Returns what the optimizer's step returns.
+
+        With gradient accumulation call this once per optimizer step; pass the step's loss (a tensor
+        of micro-batch losses is averaged)."""
+        optimizer = optimizer or self.optimizer
+        if optimizer is None:
+            raise TypeError("HealthAgent.step needs the optimizer (pass it here or to HealthAgent(...))")
+        step = self._step
+        if self._enabled["stats"] and self._measured(step):
+            self._measure(step, optimizer, loss, scaler)
+        if self._enabled["stats"] and self._update_snapshot_due(step):
+            self._guarded("stats", self._grads.take_snapshot)
+        result = scaler.step(optimizer) if scaler is not None else optimizer.step()
+        self._step += 1
+        self.state.steps_total = self._step
+        if self._acts is not None and self._enabled["stats"]:
+            self._acts.begin_step(self._activation_due(self._step), reset_sentinel=self._measured(step))
+        self._last_step_end = time.perf_counter()
+        return result
+
+    def observe_eval(self, value: Union[torch.Tensor, float]) -> None:
+        """Record a validation loss (already reduced across ranks by the caller; rank 0's is exported)."""
+        try:
+            loss = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"observe_eval expects a number or a tensor, got {type(value).__name__}") from exc
+        with self.state.lock:
+            self.state.eval_loss = loss
+
+    def close(self) -> None:
+        """Flush the sinks and stop the metrics server and hooks. Safe to call twice."""
+        self._publisher.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self._acts is not None:
+            self._acts.remove()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until every measured step so far has reached the JSON lines file and listeners."""
+        self._publisher.flush(timeout)
+
+    def __enter__(self) -> "HealthAgent":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- schedule: a function of the step counter only -------------------------------------------
+
+    def _activation_due(self, step: int) -> bool:
+        every = self.config.activation_every
+        return self._acts is not None and every > 0 and step % every == 0
+
+    def _update_snapshot_due(self, step: int) -> bool:
+        every = self.config.update_ratio_every
+        return every > 0 and step % every == 0
+
+    def _update_due(self, step: int) -> bool:
+        return step >= 1 and self._update_snapshot_due(step - 1)
+
+    def _measured(self, step: int) -> bool:
+        return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step)
+
+    # ---- measuring ----------------------------------------------------------------------------
+
+    def _spec(self, step: int) -> list[Entry]:
+        spec = [Entry("ranks", Reduce.SUM if self.world_size > 1 else Reduce.LOCAL, self.world_size * len(RANK_FIELDS))]
+        spec += self._grads.spec(with_update=self._update_due(step))
+        if self._acts is not None:
+            spec += self._acts.spec(self._activation_due(step))
+        return spec
+
+    def _measure(self, step: int, optimizer: torch.optim.Optimizer, loss: Any, scaler: Any) -> None:
+        started = time.perf_counter()
+        try:
+            packet = Packet(self._spec(step), self.topology.device)
+        except Exception as exc:
+            self._fail("stats", exc)
+            return
+        row = packet.slot("ranks").view(self.world_size, len(RANK_FIELDS))[self.rank]
+        if scaler is not None:
+            self._unscale(scaler, optimizer)
+        stats_ok = self._guarded("stats", lambda: self._fill_local(packet, row, loss))
+        acts_ok = self._acts is None or self._guarded("activations", lambda: self._fill_activations(packet, row))
+        row[RANK_INDEX["error"]].fill_(float((not stats_ok) + 2 * (not acts_ok)))
+        try:
+            host = packet.reduce_to_host(None, self.world_size, self.counters)
+        except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
+            self._fail("stats", exc)
+            return
+        ok = self._guarded("stats", lambda: self._publish(step, host, optimizer, started))
+        if not ok:
+            self._enabled["stats"] = False
+
+    def _fill_local(self, packet: Packet, row: torch.Tensor, loss: Any) -> None:
+        self._grads.add_gradients(packet)
+        self._grads.add_weights(packet)
+        local_max = packet.slot("grad_max_abs")
+        row[RANK_INDEX["nonfinite_layers"]].copy_((~torch.isfinite(local_max)).sum())
+        if loss is not None:
+            if isinstance(loss, torch.Tensor):
+                value = loss.detach().float().mean()
+            else:  # a fill, not a host-to-device copy (which would sync)
+                value = torch.full((), float(loss), device=self.topology.device)
+            row[RANK_INDEX["has_loss"]].fill_(1.0)
+            row[RANK_INDEX["loss"]].copy_(value)
+            row[RANK_INDEX["loss_nonfinite"]].copy_(~torch.isfinite(value))
+        row[RANK_INDEX["step_seconds"]].fill_(time.perf_counter() - self._last_step_end)
+
+    def _fill_activations(self, packet: Packet, row: torch.Tensor) -> None:
+        assert self._acts is not None
+        first, count = self._acts.first_bad()
+        row[RANK_INDEX["first_bad_module"]].copy_(first)
+        row[RANK_INDEX["nonfinite_modules"]].copy_(count)
+        self._acts.fill(packet)
+
+    def _unscale(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        try:
+            scaler.unscale_(optimizer)
+        except RuntimeError as exc:
+            if "unscale_() has already been called" not in str(exc):
+                raise
+
+    def _publish(self, step: int, host: dict[str, list[float]], optimizer: torch.optim.Optimizer, started: float) -> None:
+        slab = host["ranks"]
+        errors = [int(slab[r * len(RANK_FIELDS) + RANK_INDEX["error"]]) for r in range(self.world_size)]
+        if any(e & 1 for e in errors):
+            self._fail("stats", RuntimeError(f"statistics failed on rank(s) {[r for r, e in enumerate(errors) if e & 1]}"))
+            return
+        if any(e & 2 for e in errors) and self._acts is not None:
+            self._fail("activations", RuntimeError(f"activation statistics failed on rank(s) {[r for r, e in enumerate(errors) if e & 2]}"))
+            self._acts.remove()
+            self._acts = None
+            host = {k: v for k, v in host.items() if not k.startswith("act_")}
+        grad_sumsq = host["grad_sumsq"]
+        max_abs = host["grad_max_abs"]
+        ranks = decode_ranks(slab, self.world_size)
+        losses = [r.loss for r in ranks if r.loss is not None]
+        stats = StepStats(
+            step=step,
+            time=time.time(),
+            world_size=self.world_size,
+            layers=self.layers,
+            grad_norm=_sqrt(sum(grad_sumsq)),
+            layer_grad_norm=[_sqrt(v) for v in grad_sumsq],
+            layer_grad_max_abs=max_abs,
+            layer_grad_nonfinite=[not math.isfinite(v) for v in max_abs],
+            layer_weight_norm=[_sqrt(v) for v in host["weight_sumsq"]],
+            learning_rates=[float(group["lr"]) for group in optimizer.param_groups],
+            ranks=ranks,
+            loss_mean=sum(losses) / len(losses) if losses else None,
+            loss_max=max(losses) if losses else None,
+        )
+        if "update_sumsq" in host:
+            stats.update_step = step - 1
+            stats.layer_update_ratio = [_ratio(u, b) for u, b in zip(host["update_sumsq"], host["update_base_sumsq"])]
+        if self._acts is not None:
+            if "act_units" in host:
+                self._acts.agree_units(host["act_units"])
+            if "act_acc" in host:
+                stats.activations = decode_activations(host, self._acts.names, self._acts.units)
+        if stats.nonfinite and self.nan_origin is None:
+            first_bad = [int(slab[r * len(RANK_FIELDS) + RANK_INDEX["first_bad_module"]]) for r in range(self.world_size)]
+            names = self._acts.names if self._acts is not None else ()
+            stats.nan_origin = find_nan_origin(stats, first_bad, names, replicated_grads=not self.topology.sharded)
+            self.nan_origin = stats.nan_origin
+            if self.rank == 0 and stats.nan_origin is not None:
+                o = stats.nan_origin
+                log.error("gradwatch: first non-finite %s at step %d, layer %s, rank(s) %s", o.kind, o.step, o.layer, list(o.ranks) or "all")
+        stats.extra["agent_seconds"] = time.perf_counter() - started
+        self.last_stats = stats
+        with self.state.lock:
+            self.state.nonfinite_steps_total += int(stats.nonfinite)
+            self.state.collectives_total = self.counters.collectives
+            self.state.host_syncs_total = self.counters.host_syncs
+        if self.rank == 0:
+            self.state.record(stats)
+            self._publisher.submit(stats)
+
+    # ---- fail-open ----------------------------------------------------------------------------
+
+    def _guarded(self, feature: str, fn: Callable[[], None]) -> bool:
+        try:
+            fn()
+            return True
+        except Exception as exc:
+            self._fail(feature, exc, disable=False)
+            return False
+
+    def _fail(self, feature: str, exc: BaseException, disable: bool = True) -> None:
+        """Log a failure once per feature, count it, and (unless the caller coordinates) switch it off."""
+        with self.state.lock:
+            self.state.errors_total[feature] = self.state.errors_total.get(feature, 0) + 1
+        if disable:
+            self._enabled[feature] = False
+        if feature not in self._warned:
+            self._warned.add(feature)
+            log.error("gradwatch: %s failed on rank %d and is switched off; training goes on: %r", feature, self.rank, exc, exc_info=exc)

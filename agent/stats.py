@@ -1,0 +1,163 @@
+"""What one measured step looked like, on the host: the record every sink (Prometheus, JSON lines,
+in-process rules) reads. Built on every rank from identical reduced values, so every rank could take
+the same decision from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+# Per-rank slab: each rank writes its own row of a world_size x RANK_FIELDS block of the SUM
+# buffer; summing gives every rank every row (an all-gather folded into the all-reduce).
+RANK_FIELDS = (
+    "has_loss",            # 1 if a loss was passed to step()
+    "loss",                # this rank's local loss (mean of the tensor passed)
+    "loss_nonfinite",      # 1 if that loss is NaN/inf
+    "nonfinite_modules",   # hooked modules whose output was non-finite this step
+    "first_bad_module",    # 1 + index of the module that went non-finite first (0 = none)
+    "nonfinite_layers",    # layers whose local gradient (shard) is non-finite
+    "step_seconds",        # wall time since this rank's previous step() returned
+    "error",               # 1 if the agent failed on this rank this step (all ranks then back off)
+)
+RANK_INDEX = {name: i for i, name in enumerate(RANK_FIELDS)}
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+@dataclass
+class RankStats:
+    rank: int
+    loss: Optional[float]
+    loss_nonfinite: bool
+    nonfinite_modules: int
+    nonfinite_layers: int
+    step_seconds: float
+
+
+@dataclass
+class ActivationStats:
+    modules: tuple[str, ...]
+    mean: list[float]
+    std: list[float]
+    max_abs: list[float]
+    nonfinite: list[int]
+    saturated_ratio: list[float]
+    dead_ratio: Optional[list[float]]  # None until the unit layout is agreed (first sampled step)
+
+
+@dataclass
+class NanOrigin:
+    """Where a non-finite value first appeared. `ranks` is empty when it cannot be told apart
+    (replicated gradients are the same on every rank)."""
+
+    step: int
+    kind: str  # "activation" | "loss" | "gradient"
+    layer: str
+    ranks: tuple[int, ...]
+
+
+@dataclass
+class StepStats:
+    step: int
+    time: float
+    world_size: int
+    layers: tuple[str, ...]
+    grad_norm: float  # global L2 norm of all gradients, before any clipping
+    layer_grad_norm: list[float]
+    layer_grad_max_abs: list[float]
+    layer_grad_nonfinite: list[bool]
+    layer_weight_norm: list[float]
+    learning_rates: list[float]
+    ranks: list[RankStats]
+    loss_mean: Optional[float] = None  # across ranks that passed a loss
+    loss_max: Optional[float] = None
+    update_step: Optional[int] = None  # the step whose update `layer_update_ratio` measures
+    layer_update_ratio: Optional[list[float]] = None
+    activations: Optional[ActivationStats] = None
+    nan_origin: Optional[NanOrigin] = None  # set on the step a non-finite value is first seen
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def nonfinite(self) -> bool:
+        """True if anything this step was NaN/inf: a gradient, a loss, or an activation."""
+        return (
+            any(self.layer_grad_nonfinite)
+            or any(r.loss_nonfinite or r.nonfinite_modules for r in self.ranks)
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sqrt(values: list[float]) -> list[float]:
+    return [math.sqrt(v) if v >= 0 else float("nan") for v in values]
+
+
+def decode_ranks(slab: list[float], world_size: int) -> list[RankStats]:
+    width = len(RANK_FIELDS)
+    out = []
+    for rank in range(world_size):
+        row = slab[rank * width : (rank + 1) * width]
+        get = lambda name: row[RANK_INDEX[name]]  # noqa: E731
+        out.append(
+            RankStats(
+                rank=rank,
+                loss=get("loss") if get("has_loss") else None,
+                loss_nonfinite=bool(get("loss_nonfinite")),
+                nonfinite_modules=int(get("nonfinite_modules")),
+                nonfinite_layers=int(get("nonfinite_layers")),
+                step_seconds=get("step_seconds"),
+            )
+        )
+    return out
+
+
+def decode_activations(host: dict[str, list[float]], modules: tuple[str, ...], units: Optional[tuple[int, ...]]) -> ActivationStats:
+    n = len(modules)
+    acc = host["act_acc"]
+    rows = [acc[i * n : (i + 1) * n] for i in range(5)]
+    total, total_sq, count, nonfinite, saturated = rows
+    mean, std, sat = [], [], []
+    for i in range(n):
+        c = count[i]
+        m = total[i] / c if c else float("nan")
+        var = total_sq[i] / c - m * m if c else float("nan")
+        mean.append(m)
+        std.append(math.sqrt(max(var, 0.0)) if _finite(var) else float("nan"))
+        sat.append(saturated[i] / c if c else float("nan"))
+    dead = None
+    if "act_alive" in host and units is not None:
+        dead, alive, offset = [], host["act_alive"], 0
+        for u in units:
+            seg = alive[offset : offset + u]
+            offset += u
+            dead.append(sum(1 for a in seg if a == 0) / u if u else float("nan"))
+    return ActivationStats(
+        modules=modules,
+        mean=mean,
+        std=std,
+        max_abs=host["act_max_abs"],
+        nonfinite=[int(v) for v in nonfinite],
+        saturated_ratio=sat,
+        dead_ratio=dead,
+    )
+
+
+def find_nan_origin(stats: StepStats, first_bad_module: list[int], module_names: tuple[str, ...], replicated_grads: bool) -> Optional[NanOrigin]:
+    """Forward before backward: a non-finite activation, else a loss, else a gradient."""
+    bad_act = [r.rank for r, m in zip(stats.ranks, first_bad_module) if m > 0]
+    if bad_act:
+        return NanOrigin(stats.step, "activation", module_names[first_bad_module[bad_act[0]] - 1], tuple(bad_act))
+    bad_loss = [r.rank for r in stats.ranks if r.loss_nonfinite]
+    if bad_loss:
+        return NanOrigin(stats.step, "loss", "loss", tuple(bad_loss))
+    bad_layers = [name for name, bad in zip(stats.layers, stats.layer_grad_nonfinite) if bad]
+    if bad_layers:
+        ranks = () if replicated_grads else tuple(r.rank for r in stats.ranks if r.nonfinite_layers)
+        # Backward runs from the output: the last layer in model order is where it entered.
+        return NanOrigin(stats.step, "gradient", bad_layers[-1], ranks)
+    return None

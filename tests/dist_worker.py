@@ -1,0 +1,286 @@
+"""One rank of a multi-process test job, launched by conftest.launch like torchrun would.
+
+usage: dist_worker.py SCENARIO OUT_DIR PARAMS_JSON   (RANK, WORLD_SIZE, MASTER_* in the environment)
+Each scenario trains for real with the agent attached and writes OUT_DIR/rank{R}.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gradwatch.agent import HealthAgent
+from training_fixtures import mixed_mlp, regression_data, seed003_model
+
+RANK = int(os.environ["RANK"])
+WORLD = int(os.environ["WORLD_SIZE"])
+
+
+def wrap(model: nn.Module, how: str, **ddp_kwargs) -> nn.Module:
+    if how == "ddp":
+        return DDP(model, **ddp_kwargs)
+    if how == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        return fully_shard(model)
+    raise ValueError(how)
+
+
+def global_batch(step: int, batch: int = 8, features: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(WORLD * batch, features, generator=g), torch.randn(WORLD * batch, 4, generator=g)
+
+
+def local_slice(t: torch.Tensor) -> torch.Tensor:
+    per = t.shape[0] // WORLD
+    return t[RANK * per : (RANK + 1) * per]
+
+
+def layer_norms(model: nn.Module, attr: str) -> list[float]:
+    return [float(getattr(p, attr).norm()) if getattr(p, attr) is not None else 0.0 for p in model.parameters()]
+
+
+# ---- scenarios ---------------------------------------------------------------------------------
+
+
+def reference(p: dict) -> dict:
+    """Agent statistics vs a single-process model trained on the whole global batch."""
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    ref = copy.deepcopy(model)
+    accumulate = p.get("accumulate", 1)
+    wrapped = wrap(model, p["wrap"])
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    agent = HealthAgent(wrapped, opt, job="ref", metrics_port=None, activation_every=2, update_ratio_every=2)
+    steps = []
+    for step in range(p.get("steps", 4)):
+        ref_before = [w.detach().clone() for w in ref.parameters()]
+        losses = []
+        for micro in range(accumulate):
+            x, y = global_batch(step * 10 + micro)
+            loss = nn.functional.mse_loss(wrapped(local_slice(x)), local_slice(y)) / accumulate
+            loss.backward()
+            losses.append(loss.detach())
+            (nn.functional.mse_loss(ref(x), y) / accumulate).backward()
+        agent.step(opt, loss=torch.stack(losses).sum())
+        ref_grad = layer_norms(ref, "grad")
+        ref_max = [float(w.grad.abs().max()) for w in ref.parameters()]
+        ref_weight = [float(w.norm()) for w in ref_before]
+        ref_opt.step()
+        ref_update = [float((w.detach() - b).norm() / b.norm()) if b.norm() > 0 else math.nan for w, b in zip(ref.parameters(), ref_before)]
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        st = agent.last_stats
+        steps.append(dict(
+            step=st.step,
+            agent_grad=st.layer_grad_norm, ref_grad=ref_grad,
+            agent_global=st.grad_norm, ref_global=math.sqrt(sum(g * g for g in ref_grad)),
+            agent_max=st.layer_grad_max_abs, ref_max=ref_max,
+            agent_weight=st.layer_weight_norm, ref_weight=ref_weight,
+            agent_update=st.layer_update_ratio, update_step=st.update_step, ref_update=ref_update,
+            loss_mean=st.loss_mean,
+        ))
+    agent.close()
+    return dict(steps=steps, layers=list(agent.layers), collectives=agent.counters.collectives,
+                syncs=agent.counters.host_syncs, sharding=agent.topology.sharding)
+
+
+def seed003(p: dict) -> dict:
+    """Seed 003: unscaled regression target, SGD lr 0.01: diverges to NaN within two epochs."""
+    x, y = regression_data()
+    model = wrap(seed003_model(), "ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = HealthAgent(model, opt, job="seed003", metrics_port=None)
+    first_bad_step, step = None, 0
+    g = torch.Generator().manual_seed(0)
+    for _epoch in range(2):
+        order = torch.randperm(len(x), generator=g)
+        for start in range(0, len(x) - 32 * WORLD + 1, 32 * WORLD):
+            idx = order[start : start + 32 * WORLD]
+            xb, yb = local_slice(x[idx]), local_slice(y[idx])
+            loss = nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            # Independent truth, per-parameter (fine in a test): anything non-finite this step?
+            bad = not torch.isfinite(loss).item() or any(not torch.isfinite(q.grad).all() for q in model.parameters())
+            flag = torch.tensor([float(bad)])
+            dist.all_reduce(flag)
+            if flag.item() and first_bad_step is None:
+                first_bad_step = step
+            agent.step(opt, loss=loss)
+            opt.zero_grad()
+            step += 1
+    origin = agent.nan_origin
+    agent.close()
+    return dict(first_bad_step=first_bad_step, steps=step,
+                origin=None if origin is None else dict(step=origin.step, kind=origin.kind, layer=origin.layer, ranks=list(origin.ranks)),
+                layers=list(agent.layers))
+
+
+def nan_inject(p: dict) -> dict:
+    """A NaN injected into one rank's activation output at a known module and step."""
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    target = model[p["module"]]
+    state = {"step": 0}
+
+    def poison(_m, _i, out):  # registered before the agent's hook, so the agent sees the NaN
+        if RANK == p["rank"] and state["step"] == p["step"]:
+            return out * float("nan")
+        return out
+
+    target.register_forward_hook(poison)
+    model = wrap(model, p.get("wrap", "ddp"))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    agent = HealthAgent(model, opt, job="nan", metrics_port=None, activation_every=p.get("activation_every", 10))
+    for step in range(p["step"] + 3):
+        state["step"] = step
+        x, y = global_batch(step)
+        loss = nn.functional.mse_loss(model(local_slice(x)), local_slice(y))
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+    o = agent.nan_origin
+    agent.close()
+    return dict(origin=None if o is None else dict(step=o.step, kind=o.kind, layer=o.layer, ranks=list(o.ranks)))
+
+
+def prometheus(p: dict) -> dict:
+    """Rank 0 serves metrics; scrape it over HTTP mid-run."""
+    torch.manual_seed(0)
+    model = wrap(mixed_mlp(), p.get("wrap", "ddp"))
+    opt = torch.optim.SGD([{"params": list(model.parameters())[:4]}, {"params": list(model.parameters())[4:], "lr": 0.05}], lr=0.01)
+    agent = HealthAgent(model, opt, job="prom-test", metrics_port=0, metrics_addr="127.0.0.1", activation_every=2, update_ratio_every=1)
+    scrapes = []
+    for step in range(6):
+        x, y = global_batch(step)
+        loss = nn.functional.mse_loss(model(local_slice(x)), local_slice(y))
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+        if step == 4:
+            agent.observe_eval(1.5)
+        if RANK == 0 and step in (3, 5):
+            scrapes.append(urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10).read().decode())
+    result = dict(scrapes=scrapes, layers=len(agent.layers),
+                  activation_modules=0 if agent._acts is None else agent._acts.num_modules,
+                  param_groups=len(opt.param_groups), loss_mean=agent.last_stats.loss_mean)
+    agent.close()
+    return result
+
+
+def failopen(p: dict) -> dict:
+    """Inject a failure on one rank inside the agent; no hang, every rank backs off together."""
+    torch.manual_seed(0)
+    model = wrap(mixed_mlp(), "ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    agent = HealthAgent(model, opt, job="fail", metrics_port=None, activation_every=1)
+    feature = p["feature"]
+    for step in range(8):
+        if step == 3 and RANK == 1:
+            if feature == "stats":
+                def boom(_packet):
+                    raise RuntimeError("injected gradient-statistics failure")
+                agent._grads.add_gradients = boom
+            else:
+                agent._acts.failed = RuntimeError("injected hook failure")
+        x, y = global_batch(step)
+        loss = nn.functional.mse_loss(model(local_slice(x)), local_slice(y))
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+    flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(WORLD)]
+    dist.all_gather(gathered, flat)
+    result = dict(steps=agent.step_count, stats_enabled=agent._enabled["stats"], activations_on=agent._acts is not None,
+                  last_step=None if agent.last_stats is None else agent.last_stats.step,
+                  errors=dict(agent.state.errors_total),
+                  params_identical=all(torch.equal(gathered[0], t) for t in gathered))
+    agent.close()
+    return result
+
+
+def frozen_unused(p: dict) -> dict:
+    """Frozen parameters and a branch unused this step (grad None): no crash, sane values."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = nn.Linear(12, 12)
+            self.body = nn.Linear(12, 4)
+            self.unused = nn.Linear(12, 4)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            return self.body(torch.relu(self.frozen(x)))
+
+    torch.manual_seed(0)
+    model = wrap(Net(), "ddp", find_unused_parameters=True)
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1e-2)
+    agent = HealthAgent(model, opt, job="frozen", metrics_port=None)
+    for step in range(3):
+        x, y = global_batch(step)
+        loss = nn.functional.mse_loss(model(local_slice(x)), local_slice(y))
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad(set_to_none=True)
+    st = agent.last_stats
+    agent.close()
+    return dict(layers=list(st.layers), grad=st.layer_grad_norm, nonfinite=st.nonfinite, grad_norm=st.grad_norm)
+
+
+def activations(p: dict) -> dict:
+    """Dead units and saturation are judged over the *global* batch (reduced across ranks)."""
+    lin = nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(8))
+        lin.bias.zero_()
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(8, 8), nn.Tanh())
+    with torch.no_grad():
+        model[2].weight.copy_(torch.eye(8) * 30.0)  # tanh inputs = 30 * relu(x): saturated where x > 9.4999/30
+        model[2].bias.zero_()
+    model = wrap(model, "ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = HealthAgent(model, opt, job="acts", metrics_port=None, activation_every=1)
+    # rank 0: units 0-3 negative (zero after ReLU), 4-7 positive; rank 1: unit 0 positive, others negative.
+    sign = torch.tensor([-1.0] * 4 + [1.0] * 4) if RANK == 0 else torch.tensor([1.0] + [-1.0] * 7)
+    for step in range(3):
+        x = sign * (torch.rand(6, 8) + 0.5)
+        loss = model(x).sum()
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+    acts = agent.last_stats.activations
+    agent.close()
+    return dict(modules=list(acts.modules), dead=acts.dead_ratio, saturated=acts.saturated_ratio, mean=acts.mean)
+
+
+SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, activations)}
+
+
+def main() -> None:
+    scenario, out_dir, params = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    dist.init_process_group("gloo")
+    try:
+        result = SCENARIOS[scenario](params)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    (out_dir / f"rank{RANK}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

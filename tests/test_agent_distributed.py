@@ -1,0 +1,138 @@
+"""The agent on real multi-process gloo jobs (DDP and FSDP2, 2 and 4 ranks)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.multiproc
+
+REL = 1e-5
+
+
+def assert_close(agent: list[float], ref: list[float], what: str) -> None:
+    assert len(agent) == len(ref), what
+    for i, (a, r) in enumerate(zip(agent, ref)):
+        assert a == pytest.approx(r, rel=REL, abs=1e-9, nan_ok=True), f"{what}[{i}]: agent {a} vs reference {r}"
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_norms_equal_single_process_reference(run_ranks, wrap, world_size):
+    results = run_ranks("reference", world_size, wrap=wrap, steps=4)
+    r0 = results[0]
+    assert r0["sharding"] == wrap
+    for step in r0["steps"]:
+        assert_close(step["agent_grad"], step["ref_grad"], f"step {step['step']} layer grad norm")
+        assert_close(step["agent_max"], step["ref_max"], f"step {step['step']} layer grad max-abs")
+        assert_close(step["agent_weight"], step["ref_weight"], f"step {step['step']} weight norm")
+        assert step["agent_global"] == pytest.approx(step["ref_global"], rel=REL)
+    # update ratios of steps 0 and 2 are measured at steps 1 and 3 (update_ratio_every=2)
+    by_step = {s["step"]: s for s in r0["steps"]}
+    for measured in (1, 3):
+        s = by_step[measured]
+        assert s["update_step"] == measured - 1
+        assert_close(s["agent_update"], by_step[measured - 1]["ref_update"], f"update ratio of step {measured - 1}")
+    # every rank computed the same statistics (they decide from them)
+    for other in results[1:]:
+        assert [s["agent_grad"] for s in other["steps"]] == [s["agent_grad"] for s in r0["steps"]]
+    # the documented collective budget: DDP 1 per step + 1 more on activation steps; FSDP 2 per step
+    activation_steps = 2  # steps 0 and 2 of 4 (activation_every=2)
+    expected = 4 + activation_steps if wrap == "ddp" else 2 * 4
+    assert r0["collectives"] == expected
+    assert r0["syncs"] == 4
+
+
+def test_gradient_accumulation_reports_per_optimizer_step(run_ranks):
+    results = run_ranks("reference", 2, wrap="ddp", steps=3, accumulate=3)
+    steps = results[0]["steps"]
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    for s in steps:
+        assert_close(s["agent_grad"], s["ref_grad"], f"accumulated step {s['step']}")
+
+
+def test_seed003_exploding_regression_reports_step_and_layer(run_ranks):
+    r0, r1 = run_ranks("seed003", 2)
+    assert r0["first_bad_step"] is not None, "seed 003 did not diverge: the scenario no longer reproduces"
+    origin = r0["origin"]
+    assert origin is not None
+    assert origin["step"] == r0["first_bad_step"]
+    assert origin["layer"] in r0["layers"] + ["loss", "fc1", "act", "fc2"]
+    assert origin["kind"] in ("activation", "loss", "gradient")
+    assert r1["origin"] == origin  # every rank knows the same origin
+
+
+@pytest.mark.parametrize("activation_every", [10, 1])
+def test_nan_injected_on_one_rank_is_attributed(run_ranks, activation_every):
+    # step 5 is not a sampled activation step when activation_every=10: the every-step sentinel catches it
+    results = run_ranks("nan_inject", 2, rank=1, module=4, step=5, activation_every=activation_every)
+    assert results[0]["origin"] == {"step": 5, "kind": "activation", "layer": "4", "ranks": [1]}
+
+
+def test_nan_attribution_under_fsdp2(run_ranks):
+    results = run_ranks("nan_inject", 2, rank=0, module=2, step=2, wrap="fsdp2")
+    assert results[1]["origin"] == {"step": 2, "kind": "activation", "layer": "2", "ranks": [0]}
+
+
+def test_prometheus_endpoint_serves_documented_series(run_ranks):
+    r0 = run_ranks("prometheus", 2)[0]
+    early, late = r0["scrapes"]
+    samples = {}
+    for family in text_string_to_metric_families(late):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append(s)
+    L, A, R, G = r0["layers"], r0["activation_modules"], 2, r0["param_groups"]
+    # the documented formula (docs/metrics.md): 5L + 6A + 3R + G + 15, no NaN seen
+    assert sum(len(v) for v in samples.values()) == 5 * L + 6 * A + 3 * R + G + 15
+    for name in ("gradwatch_layer_grad_norm", "gradwatch_layer_weight_norm", "gradwatch_layer_update_ratio"):
+        assert len(samples[name]) == L
+        assert all(s.labels["job"] == "prom-test" for s in samples[name])
+        assert all(math.isfinite(s.value) and s.value >= 0 for s in samples[name] if not (name.endswith("ratio") and math.isnan(s.value)))
+        assert any(s.value > 0 for s in samples[name])
+    assert {s.labels["rank"] for s in samples["gradwatch_rank_loss"]} == {"0", "1"}
+    assert samples["gradwatch_steps_total"][0].value == 6
+    assert samples["gradwatch_step"][0].value == 5
+    assert samples["gradwatch_loss"][0].value == pytest.approx(r0["loss_mean"])
+    assert samples["gradwatch_eval_loss"][0].value == 1.5
+    assert sorted(s.value for s in samples["gradwatch_learning_rate"]) == [0.01, 0.05]
+    assert samples["gradwatch_nonfinite_steps_total"][0].value == 0
+    assert samples["gradwatch_agent_host_syncs_total"][0].value == 6
+    assert all(0 <= s.value <= 1 for s in samples["gradwatch_activation_dead_ratio"])
+    assert "gradwatch_eval_loss" not in early  # scraped before observe_eval: values are live, not canned
+
+
+@pytest.mark.parametrize("feature", ["stats", "activations"])
+def test_failure_inside_agent_on_one_rank_fails_open_on_all(run_ranks, feature):
+    results = run_ranks("failopen", 2, feature=feature)
+    for r in results:
+        assert r["steps"] == 8, "training must go on after the agent fails"
+        assert r["params_identical"] is True
+        if feature == "stats":
+            assert r["stats_enabled"] is False
+            assert r["last_step"] == 2  # step 3 failed; both ranks stopped measuring at the same step
+        else:
+            assert r["stats_enabled"] is True and r["activations_on"] is False
+            assert r["last_step"] == 7  # gradient statistics go on without activations
+    assert results[1]["errors"][feature] >= 1
+
+
+def test_frozen_and_unused_parameters(run_ranks):
+    r0 = run_ranks("frozen_unused", 2)[0]
+    assert r0["layers"] == ["body.weight", "body.bias", "unused.weight", "unused.bias"]
+    grads = dict(zip(r0["layers"], r0["grad"]))
+    assert grads["unused.weight"] == 0.0 and grads["unused.bias"] == 0.0
+    assert grads["body.weight"] > 0
+    assert r0["nonfinite"] is False and math.isfinite(r0["grad_norm"])
+
+
+def test_dead_units_and_saturation_over_the_global_batch(run_ranks):
+    r0 = run_ranks("activations", 2)[0]
+    by_module = dict(zip(r0["modules"], range(len(r0["modules"]))))
+    relu = by_module["1"]
+    # units 1-3 are zero on both ranks; unit 0 lives on rank 1, units 4-7 on rank 0
+    assert r0["dead"][relu] == pytest.approx(3 / 8)
+    tanh = by_module["3"]
+    # tanh inputs are 30*relu(x): rank 0 has 4 saturating units of 8 (x >= 0.5 -> 15 > 9.4999), rank 1 one
+    assert r0["saturated"][tanh] == pytest.approx((4 + 1) / 16)

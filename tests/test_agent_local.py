@@ -1,0 +1,252 @@
+"""The agent in one process: configuration, layer plans, seeds, AMP, the no-sync rule, sinks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gradwatch.agent import AgentConfig, HealthAgent
+from gradwatch.agent.layers import build_layer_plan, clean_name
+from training_fixtures import mixed_mlp, sigmoid_stack
+
+
+def train(agent: HealthAgent, model: nn.Module, opt: torch.optim.Optimizer, steps: int, features: int = 12) -> None:
+    for _ in range(steps):
+        loss = model(torch.randn(8, features)).pow(2).mean()
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [({"activation_every": -1}, "activation_every"), ({"stats_every": 0}, "stats_every"),
+     ({"max_layers": 0}, "max_layers"), ({"metrics_port": 70000}, "metrics_port"),
+     ({"job": "has space"}, "job"), ({"mode": "guardx"}, "mode"), ({"unknown_knob": 1}, "unknown_knob")],
+)
+def test_bad_config_values_are_rejected_with_the_field_named(bad, field):
+    with pytest.raises(ValidationError) as err:
+        AgentConfig(**bad)
+    assert field in str(err.value)
+
+
+def test_config_from_environment(monkeypatch):
+    monkeypatch.setenv("GRADWATCH_JOB", "from-env")
+    monkeypatch.setenv("GRADWATCH_ACTIVATION_EVERY", "3")
+    config = AgentConfig()
+    assert (config.job, config.activation_every) == ("from-env", 3)
+    monkeypatch.setenv("GRADWATCH_STATS_EVERY", "often")
+    with pytest.raises(ValidationError, match="stats_every"):
+        AgentConfig()
+
+
+def test_bad_config_at_construction_leaves_the_model_untouched():
+    model = mixed_mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValidationError):
+        HealthAgent(model, torch.optim.SGD(model.parameters(), lr=0.1), activation_every=-5)
+    assert not any(m._forward_hooks for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ---- layer plan ----------------------------------------------------------------------------------
+
+
+def test_wrapper_prefixes_are_stripped():
+    assert clean_name("module._orig_mod.encoder.0._fsdp_wrapped_module.weight") == "encoder.0.weight"
+
+
+def test_layer_depth_groups_and_the_cap_coarsens():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(5)])
+    assert build_layer_plan(model, None, 256).num_layers == 20
+    assert build_layer_plan(model, 1, 256).names == ("0", "1", "2", "3", "4")
+    assert build_layer_plan(model, 2, 256).num_layers == 10
+    capped = build_layer_plan(model, None, 6)  # 20 tensors, 10 modules, 5 blocks -> blocks
+    assert capped.names == ("0", "1", "2", "3", "4")
+    tiny = build_layer_plan(model, None, 3)  # even the blocks exceed it: contiguous chunks
+    assert tiny.num_layers <= 3 and len(tiny.layer_of_param) == 20
+
+
+def test_no_trainable_parameters_is_a_clear_error():
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        HealthAgent(model, None, metrics_port=None)
+
+
+# ---- the seeds -----------------------------------------------------------------------------------
+
+
+def test_seed001_sigmoid_stack_first_layer_gradient_far_below_last():
+    torch.manual_seed(0)
+    net = sigmoid_stack()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    agent = HealthAgent(net, opt, metrics_port=None, layer_depth=1)  # one layer per block
+    x = torch.randn(5, 50)
+    pre = [net[0][0](x)]
+    for block in net[1:]:
+        pre.append(block[0](torch.sigmoid(pre[-1])))
+    loss = net(x).sum()
+    loss.backward()
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    ref_first = math.hypot(float(linears[0].weight.grad.norm()), float(linears[0].bias.grad.norm()))
+    ref_last = math.hypot(float(linears[-1].weight.grad.norm()), float(linears[-1].bias.grad.norm()))
+    agent.step(opt, loss=loss)
+    st = agent.last_stats
+    agent.close()
+    assert st.layers == tuple(str(i) for i in range(10))
+    first, last = st.layer_grad_norm[0], st.layer_grad_norm[-1]
+    assert first == pytest.approx(ref_first, rel=1e-5) and last == pytest.approx(ref_last, rel=1e-5)
+    # The seed's own network gives about an order of magnitude here (median 10x over 20 seeds), not 100x.
+    assert last / first > 3
+    # saturation: the fraction of each sigmoid's inputs beyond smdebug's (-23, 16.99999) limits
+    ratios = dict(zip(st.activations.modules, st.activations.saturated_ratio))
+    for i, z in enumerate(pre):
+        expected = float(((z < -23) | (z > 16.99999)).float().mean())
+        assert ratios[f"{i}.1"] == pytest.approx(expected)
+    assert any(ratios[f"{i}.1"] > 0 for i in range(10))
+
+
+# ---- AMP, accumulation, the hot-path rules -------------------------------------------------------
+
+
+def test_amp_statistics_are_of_unscaled_gradients():
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    ref = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    agent = HealthAgent(model, opt, metrics_port=None)
+    x = torch.randn(8, 12)
+    loss = model(x).pow(2).mean()
+    scaler.scale(loss).backward()
+    # reference: the same gradient without scaling
+    ref_model = mixed_mlp()
+    with torch.no_grad():
+        for p, r in zip(ref_model.parameters(), ref):
+            p.copy_(r)
+    ref_model(x).pow(2).mean().backward()
+    agent.step(opt, loss=loss, scaler=scaler)
+    scaler.update()
+    expected = [float(p.grad.norm()) for p in ref_model.parameters()]
+    assert agent.last_stats.layer_grad_norm == pytest.approx(expected, rel=1e-5)
+    assert agent.last_stats.layer_weight_norm == pytest.approx([float(r.norm()) for r in ref], rel=1e-6)
+    agent.close()
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (.item(), float(t), bool(t)): each is a sync on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_step_reads_no_scalar_per_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(12)], nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = HealthAgent(model, opt, metrics_port=None, activation_every=1, update_ratio_every=1)
+    for _ in range(3):
+        loss = model(torch.randn(4, 16)).sum()
+        loss.backward()
+        with _ScalarReads() as reads:
+            agent.step(opt, loss=loss)
+        opt.zero_grad()
+        assert reads.count == 0  # the one sync is a bulk copy of the stats buffer, not scalar reads
+    assert agent.counters.host_syncs == 3 and agent.counters.collectives == 0
+    agent.close()
+
+
+def test_stats_every_skips_unmeasured_steps_but_keeps_the_nan_sentinel():
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = HealthAgent(model, opt, metrics_port=None, stats_every=4, activation_every=100, update_ratio_every=0)
+    for step in range(8):
+        x = torch.randn(8, 12)
+        if step == 5:
+            x[0, 0] = float("nan")  # between measurements (steps 0 and 4 ... 8)
+        model(x).sum().backward()
+        agent.step(opt)
+        opt.zero_grad()
+    assert agent.counters.host_syncs == 2 + 0  # steps 0 and 4 measured; step 8 not reached yet
+    loss = model(torch.randn(8, 12)).sum()
+    loss.backward()
+    agent.step(opt, loss=loss)
+    assert agent.nan_origin is not None and agent.nan_origin.layer == "0"
+    assert agent.nan_origin.step == 8  # reported at the next measured step
+    agent.close()
+
+
+def test_mode_off_is_a_plain_optimizer_step():
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = HealthAgent(model, opt, mode="off", metrics_port=None)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(agent, model, opt, 2)
+    assert agent.last_stats is None and agent.counters.host_syncs == 0
+    assert agent.step_count == 2
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_eval_forward_passes_do_not_count_as_training_activations():
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = HealthAgent(model, opt, metrics_port=None, activation_every=1)
+    with torch.no_grad():
+        model(torch.full((8, 12), float("nan")))  # evaluation: ignored
+    train(agent, model, opt, 1)
+    assert agent.nan_origin is None
+    agent.close()
+
+
+def test_jsonl_sink_writes_every_measured_step_with_nonfinite_values_kept(tmp_path):
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    path = tmp_path / "stats" / "run.jsonl"
+    agent = HealthAgent(model, opt, metrics_port=None, jsonl_path=path)
+    train(agent, model, opt, 3)
+    loss = model(torch.randn(8, 12)).mean() * float("inf")
+    loss.backward()
+    agent.step(opt, loss=loss)
+    agent.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["layers"][0] == "0.weight" and len(rows[0]["layer_grad_norm"]) == len(rows[0]["layers"])
+    assert math.isnan(rows[3]["grad_norm"]) or math.isinf(rows[3]["grad_norm"])
+    assert rows[3]["nan_origin"]["kind"] in ("activation", "loss")
+
+
+def test_metrics_port_in_use_fails_open(caplog):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        model = mixed_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        agent = HealthAgent(model, opt, metrics_port=port, metrics_addr="127.0.0.1")
+        train(agent, model, opt, 2)  # training goes on without the endpoint
+    assert agent.metrics is None and agent.state.errors_total["export"] == 1
+    assert agent.last_stats.step == 1
+    assert sum("export failed" in r.getMessage() for r in caplog.records) == 1
+    agent.close()

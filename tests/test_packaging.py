@@ -1,0 +1,40 @@
+"""The distribution's shape: one `gradwatch` namespace, halves that import without each other's deps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+BLOCK = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('blocked by test: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    # Run from / so neither the repo root nor the tests folder is on sys.path: only the installed package.
+    return subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120)
+
+
+def test_aggregator_imports_without_torch():
+    result = run_python(BLOCK.format(blocked={"torch"}) + "import gradwatch.aggregator")
+    assert result.returncode == 0, result.stderr
+
+
+def test_agent_imports_without_service_dependencies():
+    code = "import sys, gradwatch.agent\nprint(sorted(m for m in ('ray', 'fastapi', 'grafana_client', 'uvicorn') if m in sys.modules))"
+    result = run_python(BLOCK.format(blocked={"ray", "fastapi", "grafana_client", "uvicorn"}) + code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("bare", ["agent", "aggregator"])
+def test_no_bare_top_level_packages(bare):
+    result = run_python(f"import {bare}")
+    assert result.returncode != 0 and "No module named" in result.stderr
