@@ -244,9 +244,9 @@ class HealthAgent:
         except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
             self._fail("stats", exc)
             return
-        ok = self._guarded("stats", lambda: self._publish(step, host, optimizer, started))
-        if not ok:
-            self._enabled["stats"] = False
+        # Decoding reads only values every rank holds identically, so if it fails it fails everywhere,
+        # and every rank switches statistics off at the same step.
+        self._guarded("stats", lambda: self._publish(step, host, optimizer, started), disable=True)
 
     def _fill_local(self, packet: Packet, row: torch.Tensor, loss: Any) -> None:
         self._grads.add_gradients(packet)
@@ -325,22 +325,28 @@ class HealthAgent:
                 log.error("gradwatch: first non-finite %s at step %d, layer %s, rank(s) %s", o.kind, o.step, o.layer, list(o.ranks) or "all")
         stats.extra["agent_seconds"] = time.perf_counter() - started
         self.last_stats = stats
+        if self.rank == 0 and self._enabled.get("export", True):
+            # Rank 0 alone: a failure here must not touch "stats", which gates collectives.
+            self._guarded("export", lambda: self._export(stats), disable=True)
+
+    def _export(self, stats: StepStats) -> None:
         with self.state.lock:
             self.state.nonfinite_steps_total += int(stats.nonfinite)
             self.state.collectives_total = self.counters.collectives
             self.state.host_syncs_total = self.counters.host_syncs
-        if self.rank == 0:
-            self.state.record(stats)
-            self._publisher.submit(stats)
+        self.state.record(stats)
+        self._publisher.submit(stats)
 
     # ---- fail-open ----------------------------------------------------------------------------
 
-    def _guarded(self, feature: str, fn: Callable[[], None]) -> bool:
+    def _guarded(self, feature: str, fn: Callable[[], None], disable: bool = False) -> bool:
+        """Run `fn`; on failure log once and count. Features that gate collectives are not disabled
+        here: the caller raises the rank's error flag so every rank disables them at the same step."""
         try:
             fn()
             return True
         except Exception as exc:
-            self._fail(feature, exc, disable=False)
+            self._fail(feature, exc, disable=disable)
             return False
 
     def _fail(self, feature: str, exc: BaseException, disable: bool = True) -> None:

@@ -195,8 +195,12 @@ def failopen(p: dict) -> dict:
                 def boom(_packet):
                     raise RuntimeError("injected gradient-statistics failure")
                 agent._grads.add_gradients = boom
-            else:
+            elif feature == "activations":
                 agent._acts.failed = RuntimeError("injected hook failure")
+        if step == 3 and RANK == 0 and feature == "export":
+            def broken_record(_stats):
+                raise RuntimeError("injected exporter failure")
+            agent.state.record = broken_record
         x, y = global_batch(step)
         loss = nn.functional.mse_loss(model(local_slice(x)), local_slice(y))
         loss.backward()

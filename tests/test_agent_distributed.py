@@ -103,7 +103,7 @@ def test_prometheus_endpoint_serves_documented_series(run_ranks):
     assert "gradwatch_eval_loss" not in early  # scraped before observe_eval: values are live, not canned
 
 
-@pytest.mark.parametrize("feature", ["stats", "activations"])
+@pytest.mark.parametrize("feature", ["stats", "activations", "export"])
 def test_failure_inside_agent_on_one_rank_fails_open_on_all(run_ranks, feature):
     results = run_ranks("failopen", 2, feature=feature)
     for r in results:
@@ -112,10 +112,13 @@ def test_failure_inside_agent_on_one_rank_fails_open_on_all(run_ranks, feature):
         if feature == "stats":
             assert r["stats_enabled"] is False
             assert r["last_step"] == 2  # step 3 failed; both ranks stopped measuring at the same step
-        else:
+        elif feature == "activations":
             assert r["stats_enabled"] is True and r["activations_on"] is False
             assert r["last_step"] == 7  # gradient statistics go on without activations
-    assert results[1]["errors"][feature] >= 1
+        else:  # rank 0's exporter broke: only the export stops; both ranks keep measuring (no hang)
+            assert r["stats_enabled"] is True and r["activations_on"] is True and r["last_step"] == 7
+    failing_rank = 0 if feature == "export" else 1
+    assert results[failing_rank]["errors"][feature] >= 1
 
 
 def test_frozen_and_unused_parameters(run_ranks):
