@@ -127,6 +127,8 @@ class ActivationMonitor:
         return hook
 
     def _observe(self, index: int, y: torch.Tensor, inputs: tuple, saturation: Optional[str]) -> None:
+        if y.numel() == 0:
+            return  # e.g. an expert that received no tokens
         position = self._calls
         self._calls += 1
         total = y.sum(dtype=torch.float32)
@@ -135,10 +137,11 @@ class ActivationMonitor:
         torch.fmin(slot, torch.where(torch.isfinite(total), float("inf"), float(position)), out=slot)
         if not self.sampling:
             return
-        yf = y.float()
+        # float64 sums: std comes from E[x^2] - mean^2, which cancels badly in float32.
+        yf = y.double()
         acc = self._acc[:, index]
-        acc[_SUM] += total.double()
-        acc[_SUMSQ] += (yf * yf).sum(dtype=torch.float64)
+        acc[_SUM] += yf.sum()
+        acc[_SUMSQ] += (yf * yf).sum()
         acc[_COUNT] += y.numel()
         acc[_NONFINITE] += (~torch.isfinite(yf)).sum()
         x = _first_tensor(inputs)
@@ -180,7 +183,7 @@ class ActivationMonitor:
 
     def first_bad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 + index of the module that went non-finite first on this rank, or 0; number of such modules)."""
-        earliest = self._first_bad.min() if self.num_modules else torch.tensor(float("inf"), device=self.device)
+        earliest = self._first_bad.min() if self.num_modules else torch.full((), float("inf"), device=self.device)
         found = torch.isfinite(earliest)
         index = self._first_bad.argmin() + 1 if self.num_modules else torch.zeros((), device=self.device)
         return torch.where(found, index.double(), 0.0), torch.isfinite(self._first_bad).sum().double()

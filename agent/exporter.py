@@ -5,7 +5,7 @@ swaps a reference, a scrape never waits on training, and a layer that disappears
 with it. Series per job (an upper bound, reached once a loss, an eval loss and an update ratio
 have been seen; see docs/metrics.md):
 
-    5 * L  +  6 * A  +  3 * R  +  G  +  15  (+1 once a NaN origin is known)
+    5 * L  +  6 * A  +  3 * R  +  G  +  16  (+1 once a NaN origin is known)
 
 L = reported layers (<= max_layers), A = hooked activation modules (<= max_activation_modules),
 R = ranks, G = optimizer param groups. Only the 3 per-rank series carry a `rank` label.
@@ -28,6 +28,7 @@ from .stats import NanOrigin, StepStats
 log = logging.getLogger("gradwatch.agent")
 
 FEATURES = ("stats", "activations", "export", "jsonl")
+SKIP_REASONS = ("amp_overflow",)  # the guard's reasons join these (closed-loop issue)
 
 
 class AgentState:
@@ -46,6 +47,7 @@ class AgentState:
         self.nan_origin: Optional[NanOrigin] = None
         self.steps_total = 0
         self.nonfinite_steps_total = 0
+        self.skipped_steps_total = {reason: 0 for reason in SKIP_REASONS}
         self.collectives_total = 0
         self.host_syncs_total = 0
         self.errors_total = {f: 0 for f in FEATURES}
@@ -83,6 +85,7 @@ class StatsCollector:
                 agent_collectives=s.collectives_total, agent_host_syncs=s.host_syncs_total,
             )
             errors = dict(s.errors_total)
+            skipped = dict(s.skipped_steps_total)
             last_time = s.last_step_time
         job = s.job
 
@@ -98,6 +101,10 @@ class StatsCollector:
             c = CounterMetricFamily(f"gradwatch_{name}", doc, labels=["job"])
             c.add_metric([job], counters[name])
             yield c
+        skip = CounterMetricFamily("gradwatch_skipped_steps", "Optimizer steps skipped (parameters unchanged), by reason.", labels=["job", "reason"])
+        for reason, count in skipped.items():
+            skip.add_metric([job, reason], count)
+        yield skip
         err = CounterMetricFamily("gradwatch_agent_errors", "Internal agent failures per feature; a failed feature is switched off, training goes on.", labels=["job", "feature"])
         for feature in FEATURES:
             err.add_metric([job, feature], errors[feature])

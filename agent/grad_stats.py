@@ -39,8 +39,10 @@ class GradStats:
         self.op = Reduce.SUM if sharded else Reduce.LOCAL
         self.max_op = Reduce.MAX if sharded else Reduce.LOCAL
         self._layer_index = torch.tensor(plan.layer_of_param, dtype=torch.long, device=device)
-        self._zero = torch.zeros((), dtype=torch.float32, device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)  # stands in for a missing gradient
         self._snapshot: Optional[list[torch.Tensor]] = None
+        # _foreach_norm only widens: float64 models need float64 norms.
+        self._norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in plan.params) else torch.float32
 
     def _usable(self, tensors: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
         # A missing gradient (frozen branch, unused parameter) or an empty FSDP shard counts as zero.
@@ -53,12 +55,12 @@ class GradStats:
         return self._usable([_local(p.detach()) for p in self.plan.params])
 
     def _per_layer_sumsq(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double()
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=self._norm_dtype)).double()
         out = torch.zeros(self.plan.num_layers, dtype=torch.float64, device=norms.device)
         return out.index_add_(0, self._layer_index, norms * norms)
 
     def _per_layer_max_abs(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        maxes = torch.stack(torch._foreach_norm(tensors, _INF, dtype=torch.float32)).double()
+        maxes = torch.stack(torch._foreach_norm(tensors, _INF, dtype=self._norm_dtype)).double()
         out = torch.zeros(self.plan.num_layers, dtype=torch.float64, device=maxes.device)
         return out.scatter_reduce_(0, self._layer_index, maxes, "amax")
 

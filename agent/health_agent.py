@@ -166,7 +166,9 @@ class HealthAgent:
         self._step += 1
         self.state.steps_total = self._step
         if self._acts is not None and self._enabled["stats"]:
-            self._acts.begin_step(self._activation_due(self._step), reset_sentinel=self._measured(step))
+            acts = self._acts
+            if not self._guarded("activations", lambda: acts.begin_step(self._activation_due(self._step), reset_sentinel=self._measured(step))):
+                acts.failed = RuntimeError("begin_step failed")  # reported in the next all-reduce
         self._last_step_end = time.perf_counter()
         return result
 
@@ -181,15 +183,10 @@ class HealthAgent:
 
     def close(self) -> None:
         """Flush the sinks and stop the metrics server and hooks. Safe to call twice."""
-        self._publisher.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-        if self._acts is not None:
-            self._acts.remove()
+        for feature, part in (("export", self._publisher), ("jsonl", self._jsonl), ("export", self.metrics), ("activations", self._acts)):
+            if part is not None:
+                self._guarded(feature, part.remove if part is self._acts else part.close)
+        self._jsonl, self.metrics = None, None
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait (bounded) until every measured step so far has reached the JSON lines file and listeners."""
@@ -234,9 +231,8 @@ class HealthAgent:
             self._fail("stats", exc)
             return
         row = packet.slot("ranks").view(self.world_size, len(RANK_FIELDS))[self.rank]
-        if scaler is not None:
-            self._unscale(scaler, optimizer)
-        stats_ok = self._guarded("stats", lambda: self._fill_local(packet, row, loss))
+        stats_ok = scaler is None or self._guarded("stats", lambda: self._unscale(scaler, optimizer))
+        stats_ok = stats_ok and self._guarded("stats", lambda: self._fill_local(packet, row, loss))
         acts_ok = self._acts is None or self._guarded("activations", lambda: self._fill_activations(packet, row))
         row[RANK_INDEX["error"]].fill_(float((not stats_ok) + 2 * (not acts_ok)))
         try:
@@ -246,7 +242,11 @@ class HealthAgent:
             return
         # Decoding reads only values every rank holds identically, so if it fails it fails everywhere,
         # and every rank switches statistics off at the same step.
-        self._guarded("stats", lambda: self._publish(step, host, optimizer, started), disable=True)
+        amp = scaler is not None and scaler.is_enabled()
+        self._guarded("stats", lambda: self._publish(step, host, optimizer, started, amp), disable=True)
+        if not self._enabled["stats"] and self._acts is not None:
+            self._acts.remove()  # the same decision on every rank: stop paying for hooks
+            self._acts = None
 
     def _fill_local(self, packet: Packet, row: torch.Tensor, loss: Any) -> None:
         self._grads.add_gradients(packet)
@@ -254,8 +254,10 @@ class HealthAgent:
         local_max = packet.slot("grad_max_abs")
         row[RANK_INDEX["nonfinite_layers"]].copy_((~torch.isfinite(local_max)).sum())
         if loss is not None:
-            if isinstance(loss, torch.Tensor):
+            if isinstance(loss, torch.Tensor) and loss.device == self.topology.device:
                 value = loss.detach().float().mean()
+            elif isinstance(loss, torch.Tensor):  # a host tensor: read it on the host, no device copy
+                value = torch.full((), float(loss.detach().float().mean()), device=self.topology.device)
             else:  # a fill, not a host-to-device copy (which would sync)
                 value = torch.full((), float(loss), device=self.topology.device)
             row[RANK_INDEX["has_loss"]].fill_(1.0)
@@ -277,12 +279,13 @@ class HealthAgent:
             if "unscale_() has already been called" not in str(exc):
                 raise
 
-    def _publish(self, step: int, host: dict[str, list[float]], optimizer: torch.optim.Optimizer, started: float) -> None:
+    def _publish(self, step: int, host: dict[str, list[float]], optimizer: torch.optim.Optimizer, started: float, amp: bool) -> None:
         slab = host["ranks"]
         errors = [int(slab[r * len(RANK_FIELDS) + RANK_INDEX["error"]]) for r in range(self.world_size)]
         if any(e & 1 for e in errors):
             self._fail("stats", RuntimeError(f"statistics failed on rank(s) {[r for r, e in enumerate(errors) if e & 1]}"))
             return
+        module_names = self._acts.names if self._acts is not None else ()
         if any(e & 2 for e in errors) and self._acts is not None:
             self._fail("activations", RuntimeError(f"activation statistics failed on rank(s) {[r for r, e in enumerate(errors) if e & 2]}"))
             self._acts.remove()
@@ -315,10 +318,12 @@ class HealthAgent:
                 self._acts.agree_units(host["act_units"])
             if "act_acc" in host:
                 stats.activations = decode_activations(host, self._acts.names, self._acts.units)
-        if stats.nonfinite and self.nan_origin is None:
+        if amp and stats.nonfinite and not any(r.loss_nonfinite or r.nonfinite_modules for r in ranks):
+            # fp16 overflow in the scaled gradients: routine, and GradScaler skips the step itself.
+            stats.extra["amp_overflow"] = True
+        elif stats.nonfinite and self.nan_origin is None:
             first_bad = [int(slab[r * len(RANK_FIELDS) + RANK_INDEX["first_bad_module"]]) for r in range(self.world_size)]
-            names = self._acts.names if self._acts is not None else ()
-            stats.nan_origin = find_nan_origin(stats, first_bad, names, replicated_grads=not self.topology.sharded)
+            stats.nan_origin = find_nan_origin(stats, first_bad, module_names, replicated_grads=not self.topology.sharded)
             self.nan_origin = stats.nan_origin
             if self.rank == 0 and stats.nan_origin is not None:
                 o = stats.nan_origin
@@ -331,7 +336,8 @@ class HealthAgent:
 
     def _export(self, stats: StepStats) -> None:
         with self.state.lock:
-            self.state.nonfinite_steps_total += int(stats.nonfinite)
+            self.state.nonfinite_steps_total += int(stats.nonfinite and not stats.extra.get("amp_overflow"))
+            self.state.skipped_steps_total["amp_overflow"] += int(bool(stats.extra.get("amp_overflow")))
             self.state.collectives_total = self.counters.collectives
             self.state.host_syncs_total = self.counters.host_syncs
         self.state.record(stats)

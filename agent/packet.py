@@ -90,7 +90,7 @@ class Packet:
                     continue
                 if op is Reduce.MAX:
                     # NaN has no order: as +inf it survives MAX on every backend and still reads "non-finite".
-                    torch.nan_to_num(buffer, nan=float("inf"), out=buffer)
+                    torch.nan_to_num(buffer, nan=float("inf"), posinf=float("inf"), out=buffer)
                 dist.all_reduce(buffer, op=dist_op, group=group)
                 counters.collectives += 1
         host = torch.cat([self.buffers[op] for op in Reduce]).cpu().tolist()

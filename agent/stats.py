@@ -132,10 +132,11 @@ def decode_activations(host: dict[str, list[float]], modules: tuple[str, ...], u
     dead = None
     if "act_alive" in host and units is not None:
         dead, alive, offset = [], host["act_alive"], 0
-        for u in units:
+        for i, u in enumerate(units):
             seg = alive[offset : offset + u]
             offset += u
-            dead.append(sum(1 for a in seg if a == 0) / u if u else float("nan"))
+            # NaN, not "all dead", for a module that produced nothing this step (or no agreed layout).
+            dead.append(sum(1 for a in seg if a == 0) / u if u and count[i] else float("nan"))
     return ActivationStats(
         modules=modules,
         mean=mean,

@@ -250,3 +250,66 @@ def test_metrics_port_in_use_fails_open(caplog):
     assert agent.last_stats.step == 1
     assert sum("export failed" in r.getMessage() for r in caplog.records) == 1
     agent.close()
+
+
+def test_packet_max_transport_keeps_inf_and_nan_non_finite(tmp_path):
+    import torch.distributed as dist
+
+    from gradwatch.agent.packet import Counters, Entry, Packet, Reduce
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        packet = Packet([Entry("m", Reduce.MAX, 3), Entry("s", Reduce.SUM, 1)], torch.device("cpu"))
+        packet.put("m", torch.tensor([float("inf"), float("nan"), 2.0]))
+        counters = Counters()
+        host = packet.reduce_to_host(None, 2, counters)  # world_size>1: the collectives are really issued
+    finally:
+        dist.destroy_process_group()
+    assert host["m"] == [float("inf"), float("inf"), 2.0]
+    assert counters.collectives == 2 and counters.host_syncs == 1
+
+
+def test_float64_model_is_measured():
+    torch.manual_seed(0)
+    model = mixed_mlp().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = HealthAgent(model, opt, metrics_port=None)
+    loss = model(torch.randn(8, 12, dtype=torch.float64)).pow(2).mean()
+    loss.backward()
+    expected = [float(p.grad.norm()) for p in model.parameters()]
+    agent.step(opt, loss=loss)
+    assert agent.last_stats.layer_grad_norm == pytest.approx(expected, rel=1e-9)
+    agent.close()
+
+
+def test_amp_overflow_is_not_a_nan_origin():
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled gradients overflow
+    agent = HealthAgent(model, opt, metrics_port=None)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.randn(8, 12)).pow(2).sum() + 10  # > 2 times the scale: +inf once scaled
+    scaler.scale(loss).backward()
+    agent.step(opt, loss=loss, scaler=scaler)
+    scaler.update()
+    assert agent.last_stats.extra.get("amp_overflow") is True
+    assert agent.nan_origin is None and agent.state.nonfinite_steps_total == 0
+    assert agent.state.skipped_steps_total["amp_overflow"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # GradScaler skipped it
+    agent.close()
+
+
+def test_activation_std_is_precise_for_a_large_mean():
+    model = nn.Sequential(nn.Linear(4, 256))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(100.0 + 0.01 * torch.randn(256))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = HealthAgent(model, opt, metrics_port=None, activation_every=1)
+    out = model(torch.randn(8, 4))
+    expected = float(out.detach().double().std(unbiased=False))
+    out.sum().backward()
+    agent.step(opt)
+    assert agent.last_stats.activations.std[0] == pytest.approx(expected, rel=1e-6)
+    agent.close()
