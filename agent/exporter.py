@@ -5,7 +5,7 @@ swaps a reference, a scrape never waits on training, and a layer that disappears
 with it. Series per job (an upper bound, reached once a loss, an eval loss and an update ratio
 have been seen; see docs/metrics.md):
 
-    5 * L  +  6 * A  +  3 * R  +  G  +  16  (+1 once a NaN origin is known)
+    5 * L  +  6 * A  +  3 * R  +  G  +  17  (+1 once a NaN origin is known)
 
 L = reported layers (<= max_layers), A = hooked activation modules (<= max_activation_modules),
 R = ranks, G = optimizer param groups. Only the 3 per-rank series carry a `rank` label.
@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .stats import NanOrigin, StepStats
+from .stats import NanOrigin, StepStats, early_late_ratio
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -130,6 +130,7 @@ class StatsCollector:
         for name, doc, value in (
             ("gradwatch_step", "Latest measured optimizer step.", st.step),
             ("gradwatch_grad_norm", "Global L2 norm of all gradients before clipping.", st.grad_norm),
+            ("gradwatch_grad_norm_early_late_ratio", "Gradient norm of the first quarter of layers over the last quarter's.", early_late_ratio(st.layer_grad_norm)),
             ("gradwatch_last_step_timestamp_seconds", "Unix time of the latest measured step.", last_time),
             ("gradwatch_loss", "Training loss, mean across ranks.", st.loss_mean),
             ("gradwatch_loss_max", "Training loss, max across ranks.", st.loss_max),

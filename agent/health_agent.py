@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
@@ -45,6 +45,9 @@ from .stats import (
     find_nan_origin,
 )
 from .topology import detect
+
+if TYPE_CHECKING:
+    from .alerting import EmbeddedRules
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -141,6 +144,17 @@ class HealthAgent:
         """Call `listener(stats)` for every measured step, on the publisher thread (rank 0)."""
         self._publisher.sinks[f"listener-{len(self._listeners)}"] = listener
         self._listeners.append(listener)
+
+    def watch_rules(self, rules: Any = None, on_alert: Optional[Callable[..., None]] = None) -> Optional["EmbeddedRules"]:
+        """Evaluate gradwatch's alert rules in this process (rank 0; None on other ranks): the
+        built-in set, a `RuleSet`, or a rules YAML path. Alerts go to `on_alert` (default: logged)."""
+        if self.rank != 0:
+            return None
+        from .alerting import EmbeddedRules
+
+        watcher = EmbeddedRules(self.state, rules, on_alert)
+        self.add_listener(watcher)
+        return watcher
 
     def step(
         self,

@@ -24,6 +24,21 @@ RANK_FIELDS = (
 RANK_INDEX = {name: i for i, name in enumerate(RANK_FIELDS)}
 
 
+def early_late_ratio(layer_norms: list[float]) -> Optional[float]:
+    """L2 norm of the first quarter of layers over the last quarter's (registration order, which
+    follows depth in most models). Layers with no gradient (norm 0: unused) are left out; None with
+    fewer than two such layers or a zero/non-finite denominator."""
+    norms = [n for n in layer_norms if n != 0]
+    if len(norms) < 2:
+        return None
+    k = max(1, len(norms) // 4)
+    early = math.sqrt(sum(n * n for n in norms[:k]))
+    late = math.sqrt(sum(n * n for n in norms[-k:]))
+    if late == 0 or not math.isfinite(late) or not math.isfinite(early):
+        return None
+    return early / late
+
+
 def _finite(value: float) -> bool:
     return math.isfinite(value)
 

@@ -1,0 +1,52 @@
+"""Samples in memory, indexed by metric name: what the in-process evaluator reads instead of
+Prometheus's TSDB. Old samples are pruned past the longest window any rule looks at."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Mapping
+
+Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs, `__name__` first among equals
+
+
+def labels_of(name: str, labels: Mapping[str, str]) -> Labels:
+    return tuple(sorted({**labels, "__name__": name}.items()))
+
+
+class SeriesStore:
+    def __init__(self, retention_s: int = 3600) -> None:
+        self.retention_ms = retention_s * 1000
+        self._series: dict[str, dict[Labels, list[tuple[int, float]]]] = {}
+
+    def add(self, name: str, labels: Mapping[str, str], t_ms: int, value: float) -> None:
+        """Append one sample; samples of a series must arrive in time order (older ones are dropped,
+        as Prometheus rejects out-of-order samples)."""
+        points = self._series.setdefault(name, {}).setdefault(labels_of(name, labels), [])
+        if points and t_ms <= points[-1][0]:
+            if t_ms == points[-1][0]:
+                points[-1] = (t_ms, value)
+            return
+        points.append((t_ms, value))
+
+    def add_many(self, samples: Iterable[tuple[str, Mapping[str, str], float]], t_ms: int) -> None:
+        for name, labels, value in samples:
+            self.add(name, labels, t_ms, value)
+
+    def prune(self, now_ms: int) -> None:
+        cutoff = now_ms - self.retention_ms
+        for by_labels in self._series.values():
+            for key in list(by_labels):
+                points = by_labels[key]
+                keep = next((i for i, (ts, _) in enumerate(points) if ts >= cutoff), len(points))
+                del points[:keep]
+                if not points:
+                    del by_labels[key]
+
+    def select(self, name: str, matchers: tuple[tuple[str, str], ...] = ()) -> Iterator[tuple[Labels, list[tuple[int, float]]]]:
+        """Series of `name` whose labels equal every matcher, in Prometheus's (sorted label) order."""
+        for labels in sorted(self._series.get(name, {})):
+            values = dict(labels)
+            if all(values.get(k, "") == v for k, v in matchers):
+                yield labels, self._series[name][labels]
+
+
+__all__ = ["Labels", "SeriesStore", "labels_of"]

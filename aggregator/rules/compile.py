@@ -1,0 +1,169 @@
+"""Rule specs -> alerting rules over the agent's real metric names (docs/metrics.md).
+
+Every expression keeps the `job` label and, where the pathology has one, `layer` or `rank`, so a page
+says where to look. Annotation templates use only what `templates.py` renders exactly like
+Prometheus (`$labels.x`, `humanize $value`, `if`): the conformance test compares both, byte for byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import specs
+from .promql import Aggregate, Expr, binary, duration, metric, over_time, render, with_labels_of
+
+JOB = ("job",)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    name: str  # the spec's key, e.g. "nan_gradient"
+    alert: str  # Prometheus alert name, e.g. "GradwatchNanGradient"
+    expr: Expr
+    for_s: int
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def promql(self) -> str:
+        return render(self.expr)
+
+
+def alert_name(rule: str) -> str:
+    return "Gradwatch" + "".join(part.capitalize() for part in rule.split("_"))
+
+
+def _nan(s: specs.NanGradient) -> tuple[Expr, str, str]:
+    recent = binary(">", Aggregate("max", over_time("max_over_time", "gradwatch_rank_nonfinite", s.window), JOB), 0)
+    counted = binary(">", over_time("increase", "gradwatch_nonfinite_steps_total", s.window), 0)
+    trigger = binary("or", recent, counted, on=JOB)
+    located = with_labels_of(trigger, metric("gradwatch_nan_origin_step"), ("kind", "layer", "rank"))
+    return (
+        binary("or", located, trigger, on=JOB),
+        "Non-finite gradient or loss in {{ $labels.job }}",
+        "NaN/inf values in {{ $labels.job }} within the last " + duration(s.window) + "."
+        "{{ if $labels.layer }} First seen in the {{ $labels.kind }} of layer {{ $labels.layer }} on rank {{ $labels.rank }}.{{ end }}",
+    )
+
+
+def _exploding(s: specs.ExplodingGradient) -> tuple[Expr, str, str]:
+    norm = metric("gradwatch_grad_norm")
+    baseline = binary("*", over_time("quantile_over_time", "gradwatch_grad_norm", s.window, param=0.5), s.ratio)
+    cond = binary(">", norm, baseline, on=JOB)
+    if s.cap is not None:
+        cond = binary("or", cond, binary(">", norm, s.cap), on=JOB)
+    largest = Aggregate("topk", metric("gradwatch_layer_grad_norm"), JOB, 1)
+    return (
+        binary("or", with_labels_of(cond, largest, ("layer",)), cond, on=JOB),
+        "Exploding gradients in {{ $labels.job }}",
+        "Global gradient norm {{ $value | humanize }} is above " + f"{s.ratio:g}x its {duration(s.window)} median"
+        + (f" or the cap {s.cap:g}" if s.cap is not None else "") + "; largest in layer {{ $labels.layer }}.",
+    )
+
+
+def _vanishing(s: specs.VanishingGradient) -> tuple[Expr, str, str]:
+    layer_norm = metric("gradwatch_layer_grad_norm")
+    below_floor = binary(">", binary("<", layer_norm, s.floor), 0)  # exactly 0: no gradient reached it (unused)
+    ratio_low = binary("<", metric("gradwatch_grad_norm_early_late_ratio"), s.early_late_floor)
+    smallest = Aggregate("bottomk", binary(">", layer_norm, 0), JOB, 1)
+    return (
+        binary("or", below_floor, with_labels_of(ratio_low, smallest, ("layer",)), on=JOB),
+        "Vanishing gradients in {{ $labels.job }} at layer {{ $labels.layer }}",
+        "Gradient at layer {{ $labels.layer }} of {{ $labels.job }} has vanished: {{ $value | humanize }} "
+        + f"(a layer norm below {s.floor:g}, or the early/late layer norm ratio below {s.early_late_floor:g}).",
+    )
+
+
+def _per_layer_ratio(name: str, summary: str, what: str):
+    def build(s) -> tuple[Expr, str, str]:
+        return (
+            binary(">", metric(name), s.max_ratio),
+            summary + " in {{ $labels.job }} at layer {{ $labels.layer }}",
+            "{{ $value | humanizePercentage }} of layer {{ $labels.layer }}'s " + f"{what} (threshold {s.max_ratio:.0%}).",
+        )
+    return build
+
+
+def _loss_not_decreasing(s: specs.LossNotDecreasing) -> tuple[Expr, str, str]:
+    recent = over_time("avg_over_time", "gradwatch_loss", s.window)
+    before = binary("*", over_time("avg_over_time", "gradwatch_loss", s.window, offset_s=s.window), 1 - s.min_decrease)
+    return (
+        binary(">=", recent, before, on=JOB),
+        "Loss not decreasing in {{ $labels.job }}",
+        "Mean loss over the last " + duration(s.window) + ' is {{ printf "%.4g" $value }}, '
+        f"less than {s.min_decrease:.0%} below the {duration(s.window)} before.",
+    )
+
+
+def _loss_spike(s: specs.LossSpike) -> tuple[Expr, str, str]:
+    baseline = over_time("avg_over_time", "gradwatch_loss", s.window, offset_s=s.baseline_offset)
+    return (
+        binary(">", metric("gradwatch_loss"), binary("*", baseline, s.factor), on=JOB),
+        "Loss spike in {{ $labels.job }}",
+        'Loss {{ printf "%.4g" $value }} is at least ' + f"{s.factor:g}x its mean over the preceding {duration(s.window)}.",
+    )
+
+
+def _update_ratio(s: specs.WeightUpdateRatio) -> tuple[Expr, str, str]:
+    ratio = metric("gradwatch_layer_update_ratio")
+    return (
+        binary("or", binary(">", binary("<", ratio, s.low), 0), binary(">", ratio, s.high)),
+        "Weight update ratio out of range in {{ $labels.job }} at layer {{ $labels.layer }}",
+        "||dw||/||w|| of layer {{ $labels.layer }} is {{ $value | humanize }}, " + f"outside [{s.low:g}, {s.high:g}].",
+    )
+
+
+def _overfit(s: specs.Overfit) -> tuple[Expr, str, str]:
+    train = over_time("avg_over_time", "gradwatch_loss", s.window)
+    gap = binary("/", binary("-", metric("gradwatch_eval_loss"), train, on=JOB), train, on=JOB)
+    return (
+        binary(">", gap, s.max_gap),
+        "Overfitting in {{ $labels.job }}",
+        "Validation loss is {{ $value | humanizePercentage }} above the mean training loss over " + f"{duration(s.window)} (threshold {s.max_gap:.0%}).",
+    )
+
+
+def _rank_outlier(s: specs.RankOutlier) -> tuple[Expr, str, str]:
+    bad = over_time("max_over_time", "gradwatch_rank_nonfinite", s.window)
+    some_clean = binary("==", Aggregate("min", bad, JOB), 0)
+    lone_nonfinite = binary("and", binary(">", bad, 0), some_clean, on=JOB)
+    loss = over_time("avg_over_time", "gradwatch_rank_loss", s.window)
+    median = binary("*", Aggregate("quantile", loss, JOB, 0.5), s.loss_factor)
+    high_loss = binary(">", loss, median, on=JOB, group_left=())
+    return (
+        binary("or", lone_nonfinite, high_loss),
+        "Rank {{ $labels.rank }} of {{ $labels.job }} departs from the others",
+        'Rank {{ $labels.rank }}: {{ printf "%.4g" $value }} (non-finite items while another rank is clean, '
+        + f"or mean loss over {s.loss_factor:g}x the ranks' median over {duration(s.window)}).",
+    )
+
+
+BUILDERS = {
+    "nan_gradient": _nan,
+    "exploding_gradient": _exploding,
+    "vanishing_gradient": _vanishing,
+    "saturated_activation": _per_layer_ratio("gradwatch_activation_saturated_ratio", "Saturated activations", "tanh/sigmoid inputs are saturated"),
+    "dead_units": _per_layer_ratio("gradwatch_activation_dead_ratio", "Dead units", "units are dead (zero for the whole batch)"),
+    "loss_not_decreasing": _loss_not_decreasing,
+    "loss_spike": _loss_spike,
+    "weight_update_ratio": _update_ratio,
+    "overfit": _overfit,
+    "rank_outlier": _rank_outlier,
+}
+assert BUILDERS.keys() == specs.RULE_TYPES.keys()
+
+
+def compile_rule(name: str, spec: specs.RuleSpec) -> CompiledRule:
+    expr, summary, description = BUILDERS[name](spec)
+    return CompiledRule(
+        name=name,
+        alert=alert_name(name),
+        expr=expr,
+        for_s=spec.for_,
+        labels={"severity": spec.severity, **spec.labels},
+        annotations={"summary": summary, "description": description, "runbook": spec.runbook},
+    )
+
+
+def compile_rules(ruleset: specs.RuleSet) -> list[CompiledRule]:
+    return [compile_rule(name, spec) for name, spec in ruleset.enabled()]

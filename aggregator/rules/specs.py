@@ -1,0 +1,246 @@
+"""Rule specifications: the one source of truth for gradwatch's alerts.
+
+Each pathology is a pydantic model whose fields are its thresholds, with defaults taken from the
+tools users know (SageMaker Debugger, llm-foundry; see shared/ANCHORS.md) and from the seed
+documents' fixes. `RuleSet` holds one of each; a YAML file overrides any field of any rule, and
+everything left out keeps its default. `compile.py` turns a spec into PromQL.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+Severity = Literal["critical", "warning", "info"]
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+
+
+def parse_duration(value: object) -> int:
+    """Whole seconds from a Prometheus duration ('90s', '5m', '1h30m') or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or text like '5m'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and value and _DURATION.sub("", value) == "":
+        seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(value))
+    else:
+        raise ValueError(f"{value!r} is not a duration: use seconds or Prometheus text like '90s', '5m', '1h30m'")
+    if seconds < 0 or seconds != int(seconds):
+        raise ValueError(f"{value!r}: durations are whole, non-negative seconds")
+    return int(seconds)
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[int, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+class RuleSpec(BaseModel):
+    """Fields every rule has. `for_` is how long the condition must hold before the alert fires."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    enabled: bool = True
+    for_: Duration = Field(alias="for")
+    severity: Severity
+    labels: dict[str, str] = Field(default_factory=dict, description="extra labels on the alert, e.g. team")
+
+    runbook: str = ""  # class default: the fixes a responder should try, from the seed documents
+
+
+class NanGradient(RuleSpec):
+    """Any NaN/inf in a gradient, the loss or an activation on any rank."""
+
+    for_: Duration = Field(0, alias="for")
+    severity: Severity = "critical"
+    window: PositiveDuration = Field(60, description="how far back a non-finite step still counts")
+    runbook: str = (
+        "Find the first non-finite value (the alert's kind/layer/rank, or gradwatch_nan_origin_step). "
+        "A loss or activation NaN first: check the input batch and any log/sqrt/division in the loss "
+        "(add an epsilon). A gradient first: lower the learning rate, clip the gradient norm, use bf16 "
+        "or a GradScaler for fp16. One rank only: suspect that rank's data shard or its GPU. "
+        "Resume from the last finite checkpoint."
+    )
+
+
+class ExplodingGradient(RuleSpec):
+    """Global gradient norm far above its own recent median, or above an absolute cap."""
+
+    for_: Duration = Field(60, alias="for")
+    severity: Severity = "critical"
+    ratio: float = Field(10.0, gt=1, description="fire when the norm exceeds ratio x its median over `window`")
+    window: PositiveDuration = 600
+    cap: Optional[float] = Field(1e4, gt=0, description="absolute norm above which it fires at once; null for none")
+    runbook: str = (
+        "Clip the gradient norm (torch.nn.utils.clip_grad_norm_, max_norm around the healthy median), "
+        "lower the learning rate or add warm-up, and standardize inputs and regression targets "
+        "(an unscaled target makes the loss and its gradient huge). Check the layer named in the "
+        "alert: it holds the largest gradient."
+    )
+
+
+class VanishingGradient(RuleSpec):
+    """A layer's gradient norm below an absolute floor, or early layers' norm far below late layers'."""
+
+    for_: Duration = Field(300, alias="for")
+    severity: Severity = "warning"
+    floor: float = Field(1e-7, gt=0, description="per-layer gradient L2 norm floor (smdebug's 1e-7 reference)")
+    early_late_floor: float = Field(
+        1e-2, gt=0, lt=1,
+        description="fire when the first quarter of layers' norm over the last quarter's is below this",
+    )
+    runbook: str = (
+        "Gradients are not reaching the early layers. Replace sigmoid/tanh with ReLU-family activations, "
+        "initialize with He (ReLU) or Xavier (tanh) instead of large or unit-variance weights, add batch "
+        "or layer normalization, and add skip (residual) connections to shorten the gradient path. "
+        "Check saturated activations upstream of the named layer."
+    )
+
+
+class SaturatedActivation(RuleSpec):
+    """Most tanh/sigmoid inputs of a module in the flat region (smdebug's limits)."""
+
+    for_: Duration = Field(300, alias="for")
+    severity: Severity = "warning"
+    max_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of saturated inputs (smdebug threshold_layer 50%)")
+    runbook: str = (
+        "The module's inputs sit where tanh/sigmoid are flat, so its gradient is almost zero. Lower the "
+        "initial weight scale (Xavier), normalize the inputs to the layer (batch/layer norm), lower the "
+        "learning rate, or switch to a ReLU-family activation."
+    )
+
+
+class DeadUnits(RuleSpec):
+    """More than half of a layer's units output zero for the whole global batch (dead ReLUs)."""
+
+    for_: Duration = Field(300, alias="for")
+    severity: Severity = "warning"
+    max_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of dead units (smdebug threshold_layer 50%)")
+    runbook: str = (
+        "Dead ReLUs never recover: lower the learning rate, use He initialization, use LeakyReLU/GELU, "
+        "and check for a large negative bias or an exploding update that pushed pre-activations negative."
+    )
+
+
+class LossNotDecreasing(RuleSpec):
+    """The mean loss of the last window is not at least `min_decrease` below the window before."""
+
+    for_: Duration = Field(600, alias="for")
+    severity: Severity = "warning"
+    window: PositiveDuration = 600
+    min_decrease: float = Field(0.01, ge=0, lt=1, description="relative decrease required per window")
+    runbook: str = (
+        "Training has plateaued. Check the learning-rate schedule (decayed to ~0? never warmed up?), "
+        "whether gradients vanish (see the vanishing-gradient alert), and overfit one small batch to "
+        "prove the model can learn. A plateau near the end of a run may be expected."
+    )
+
+
+class LossSpike(RuleSpec):
+    """Loss at least `factor` x its mean over the preceding window, sustained (llm-foundry's rule)."""
+
+    for_: Duration = Field(60, alias="for")
+    severity: Severity = "warning"
+    factor: float = Field(2.0, gt=1)
+    window: PositiveDuration = 600
+    baseline_offset: PositiveDuration = Field(60, description="the baseline window ends this long ago, so a spike does not raise its own baseline")
+    runbook: str = (
+        "Find the batch (gradwatch_step at the spike): bad or duplicated data is common. Otherwise "
+        "lower the learning rate, tighten gradient clipping, or roll back to a checkpoint before the "
+        "spike and skip the offending batches. Assumes a non-negative loss."
+    )
+
+
+class WeightUpdateRatio(RuleSpec):
+    """||dw||/||w|| of a layer outside [low, high] (smdebug's [1e-8, 10]); exactly 0 (frozen) is ignored."""
+
+    for_: Duration = Field(300, alias="for")
+    severity: Severity = "warning"
+    low: float = Field(1e-8, gt=0)
+    high: float = Field(10.0, gt=0)
+    runbook: str = (
+        "Healthy updates are around 1e-3 of the weights. Too small: the learning rate is too low or "
+        "gradients vanish. Too large: lower the learning rate, clip gradients, check weight decay and "
+        "the optimizer's epsilon."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "WeightUpdateRatio":
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class Overfit(RuleSpec):
+    """(validation loss - mean training loss) / mean training loss above `max_gap` (smdebug's 0.1)."""
+
+    for_: Duration = Field(600, alias="for")
+    severity: Severity = "info"
+    max_gap: float = Field(0.1, gt=0)
+    window: PositiveDuration = 600
+    runbook: str = (
+        "Validation loss is pulling away from training loss. Add regularization (weight decay, dropout, "
+        "augmentation), get more data, or stop early at the best validation checkpoint."
+    )
+
+
+class RankOutlier(RuleSpec):
+    """One rank departs from the others: NaN/inf on it while another rank is clean, or its mean loss
+    above `loss_factor` x the ranks' median (needs 3+ ranks to be meaningful)."""
+
+    for_: Duration = Field(120, alias="for")
+    severity: Severity = "warning"
+    window: PositiveDuration = 300
+    loss_factor: float = Field(2.0, gt=1)
+    runbook: str = (
+        "One rank disagrees with the rest. Check that rank's data shard (a corrupt or unshuffled file), "
+        "its host and GPU (ECC errors, throttling: join with DCGM metrics), and that every rank runs the "
+        "same code and config."
+    )
+
+
+RULE_TYPES: dict[str, type[RuleSpec]] = {
+    "nan_gradient": NanGradient,
+    "exploding_gradient": ExplodingGradient,
+    "vanishing_gradient": VanishingGradient,
+    "saturated_activation": SaturatedActivation,
+    "dead_units": DeadUnits,
+    "loss_not_decreasing": LossNotDecreasing,
+    "loss_spike": LossSpike,
+    "weight_update_ratio": WeightUpdateRatio,
+    "overfit": Overfit,
+    "rank_outlier": RankOutlier,
+}
+
+
+class Rules(BaseModel):
+    """One spec per pathology; a YAML file lists only what it changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nan_gradient: NanGradient = NanGradient()
+    exploding_gradient: ExplodingGradient = ExplodingGradient()
+    vanishing_gradient: VanishingGradient = VanishingGradient()
+    saturated_activation: SaturatedActivation = SaturatedActivation()
+    dead_units: DeadUnits = DeadUnits()
+    loss_not_decreasing: LossNotDecreasing = LossNotDecreasing()
+    loss_spike: LossSpike = LossSpike()
+    weight_update_ratio: WeightUpdateRatio = WeightUpdateRatio()
+    overfit: Overfit = Overfit()
+    rank_outlier: RankOutlier = RankOutlier()
+
+
+class RuleSet(BaseModel):
+    """The whole configuration: evaluation interval, the rule group's name, and the rules."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: str = Field("gradwatch", min_length=1)
+    interval: PositiveDuration = Field(15, description="how often rules are evaluated (Prometheus and the aggregator)")
+    rules: Rules = Rules()
+
+    def enabled(self) -> list[tuple[str, RuleSpec]]:
+        return [(name, spec) for name in RULE_TYPES if (spec := getattr(self.rules, name)).enabled]

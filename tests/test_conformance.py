@@ -1,0 +1,128 @@
+"""The in-process evaluator and Prometheus agree: identical series go to both, and promtool must see
+exactly the alerts (labels and annotations) gradwatch's own evaluator reports, at every evaluation
+time, for every rule. Series are random (seeded) with an episode of every pathology, NaN/Inf
+values, gaps, a counter reset and a job that stops reporting."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from gradwatch.aggregator.rules import RuleSet, parse_rules
+from promtool_cases import Series, in_process_alerts, run_promtool
+
+N = 160  # samples (and evaluations) at 1 s
+SHORT_WINDOWS = parse_rules("""
+interval: 1s
+rules:
+  nan_gradient: {window: 5s}
+  exploding_gradient: {window: 30s, for: 3s, cap: 1000}
+  vanishing_gradient: {for: 5s}
+  saturated_activation: {for: 5s}
+  dead_units: {for: 5s}
+  loss_not_decreasing: {window: 20s, for: 5s, min_decrease: 0.05}
+  loss_spike: {window: 20s, baseline_offset: 3s, for: 3s}
+  weight_update_ratio: {for: 5s}
+  overfit: {window: 20s, for: 5s}
+  rank_outlier: {window: 10s, for: 3s}
+""")
+
+
+def episode(rng: random.Random, length: int) -> range:
+    start = rng.randrange(10, N - length - 5)
+    return range(start, start + length)
+
+
+def job_series(job: str, rng: random.Random, stop_at: int) -> list[Series]:
+    """One training job's agent series, with every pathology somewhere."""
+    out: list[Series] = []
+    n = stop_at
+
+    def add(name: str, labels: dict, values: list) -> None:
+        values = [None if (v is not None and rng.random() < 0.03) else v for v in values]  # scrape gaps
+        out.append(Series(name, {"job": job, **labels}, values[:n]))
+
+    explode, nan_at, vanish, spike = episode(rng, 15), episode(rng, 4), episode(rng, 20), episode(rng, 12)
+    norm = []
+    level = 1.0
+    for i in range(N):
+        level *= math.exp(rng.gauss(0, 0.05))
+        value = level * (30 + 20 * (i - explode.start) if i in explode else 1)
+        norm.append(math.nan if i in nan_at else (math.inf if i == nan_at.stop else value))
+    add("gradwatch_grad_norm", {}, norm)
+    layers = [f"block{k}.weight" for k in range(4)]
+    for k, layer in enumerate(layers):
+        scale = rng.uniform(0.1, 0.9)
+        add("gradwatch_layer_grad_norm", {"layer": layer}, [
+            (1e-9 * rng.uniform(0.5, 1.5) if (k == 0 and i in vanish) else v * scale * rng.uniform(0.9, 1.1)) for i, v in enumerate(norm)
+        ])
+    add("gradwatch_layer_grad_norm", {"layer": "unused.weight"}, [0.0] * N)
+    add("gradwatch_grad_norm_early_late_ratio", {}, [rng.uniform(1e-3, 5e-3) if i in vanish else rng.uniform(0.05, 2) for i in range(N)])
+
+    sat, dead = episode(rng, 15), episode(rng, 15)
+    for k in range(3):
+        add("gradwatch_activation_saturated_ratio", {"layer": f"act{k}"}, [rng.uniform(0.55, 1) if (k == 1 and i in sat) else rng.uniform(0, 0.45) for i in range(N)])
+        add("gradwatch_activation_dead_ratio", {"layer": f"act{k}"}, [rng.uniform(0.55, 1) if (k == 2 and i in dead) else rng.uniform(0, 0.3) for i in range(N)])
+    upd = episode(rng, 15)
+    for k, layer in enumerate(layers):
+        add("gradwatch_layer_update_ratio", {"layer": layer}, [
+            (10 ** rng.uniform(-11, -9) if k == 1 else 10 ** rng.uniform(1.2, 2)) if i in upd
+            else (0.0 if k == 3 else (math.nan if rng.random() < 0.02 else 10 ** rng.uniform(-4, -2)))
+            for i in range(N)
+        ])
+
+    plateau_from = rng.randrange(60, 90)
+    loss = [max(0.2, 3.0 * 0.98 ** min(i, plateau_from)) * rng.uniform(0.97, 1.03) * (3 if i in spike else 1) for i in range(N)]
+    add("gradwatch_loss", {}, loss)
+    overfit_from = rng.randrange(50, 120)
+    add("gradwatch_eval_loss", {}, [None if i % 10 else l * (1.6 if i >= overfit_from else 1.02) for i, l in enumerate(loss)])
+    lone, outlier = episode(rng, 10), episode(rng, 12)
+    for r in range(3):
+        add("gradwatch_rank_loss", {"rank": str(r)}, [l * rng.uniform(0.9, 1.1) * (4 if (r == 2 and i in outlier) else 1) for i, l in enumerate(loss)])
+        add("gradwatch_rank_nonfinite", {"rank": str(r)}, [
+            float(rng.randint(1, 5)) if (i in nan_at or (r == 1 and i in lone)) else 0.0 for i in range(N)
+        ])
+    count, counter = 0, []
+    reset_at = rng.randrange(20, N - 20)
+    for i in range(N):
+        count = 0 if i == reset_at else count + (i in nan_at or i in lone)
+        counter.append(float(count))
+    add("gradwatch_nonfinite_steps_total", {}, counter)
+    add("gradwatch_nan_origin_step", {"kind": "gradient", "layer": "block0.weight", "rank": "all"}, [None if i < nan_at.start else float(nan_at.start) for i in range(N)])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_in_process_evaluator_matches_promtool(seed: int, tmp_path: Path):
+    rng = random.Random(seed)
+    series = job_series("train-a", rng, N) + job_series("train-b", rng, rng.randrange(100, N))
+    expected = in_process_alerts(SHORT_WINDOWS, series, 1, N)
+    fired = Counter(e.alertname for e in expected for _ in e.alerts)
+    assert len(fired) == 10, f"the data must make every rule fire at least once: {fired}"
+    proc = run_promtool(tmp_path, SHORT_WINDOWS, series, expected, 1)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_promtool_catches_a_single_wrong_alert(tmp_path: Path):
+    """The comparison above can fail: drop one firing alert from the expectation."""
+    rng = random.Random(0)
+    series = job_series("train-a", rng, N)
+    expected = in_process_alerts(SHORT_WINDOWS, series, 1, N)
+    victim = next(e for e in expected if e.alertname == "GradwatchVanishingGradient" and e.alerts)
+    victim.alerts.pop()
+    proc = run_promtool(tmp_path, SHORT_WINDOWS, series, expected, 1)
+    assert proc.returncode != 0 and "alertname: GradwatchVanishingGradient" in proc.stdout + proc.stderr
+
+
+def test_default_rules_match_promtool_too(tmp_path: Path):
+    """The shipped thresholds and windows (15 s interval, minutes-long windows)."""
+    rng = random.Random(7)
+    series = job_series("train-a", rng, N)
+    expected = in_process_alerts(RuleSet(), series, 15, N)
+    assert sum(len(e.alerts) for e in expected) > 0
+    proc = run_promtool(tmp_path, RuleSet(), series, expected, 15)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
