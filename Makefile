@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := $(shell find agent aggregator -name '*.py') pyproject.toml constraints.txt
 
+# Real Prometheus and Alertmanager for the tests, from Debian's packages.
+PROM_TOOLS := /usr/bin/prometheus /usr/bin/promtool /usr/bin/prometheus-alertmanager /usr/bin/amtool
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: demo test clean
 
 # A non-editable install: the tests exercise the package exactly as users get it.
@@ -16,8 +20,12 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/torchrun --nproc-per-node 2 examples/train_ddp.py
 
 # pytest exits 5 when it collected nothing; make fails on any non-zero exit, so that cannot pass.
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(PROM_TOOLS)
 	$(PY) -m pytest
+
+$(PROM_TOOLS):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus prometheus-alertmanager
 
 clean:
 	rm -rf $(VENV) build out *.egg-info

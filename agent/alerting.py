@@ -26,8 +26,10 @@ def log_alert(change: Transition) -> None:
 
 
 class EmbeddedRules:
-    """A publisher listener: feed each measured step's series to a `RuleEngine`, evaluate every
-    rule-set interval, and hand firing/resolved transitions to `on_alert`."""
+    """A publisher listener that does what Prometheus + the aggregator would: once per rule-set
+    interval (of step time) it "scrapes" the agent's series into a `RuleEngine`, evaluates every
+    rule, and hands firing/resolved transitions to `on_alert`. Between scrapes a NaN still counts
+    through `gradwatch_nonfinite_steps_total`, exactly as with Prometheus."""
 
     def __init__(self, state: AgentState, ruleset: Union[RuleSet, str, None] = None, on_alert: Optional[AlertCallback] = None) -> None:
         self.ruleset = ruleset if isinstance(ruleset, RuleSet) else load_rules(ruleset)
@@ -38,11 +40,11 @@ class EmbeddedRules:
         self._last_eval: Optional[float] = None
 
     def __call__(self, stats: StepStats) -> None:
-        samples = [(s.name, s.labels, s.value) for family in self.collector.collect() for s in family.samples]
-        self.engine.add(samples, stats.time)
         if self._last_eval is not None and stats.time - self._last_eval < self.ruleset.interval:
             return
         self._last_eval = stats.time
+        samples = [(s.name, s.labels, s.value) for family in self.collector.collect() for s in family.samples]
+        self.engine.add(samples, stats.time)
         for change in self.engine.evaluate(stats.time):
             if change.after in (FIRING, RESOLVED):
                 self.history.append(change)

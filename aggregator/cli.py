@@ -70,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     agg.add_argument("--port", type=int)
     agg.add_argument("--eval-interval", dest="eval_interval")
     agg.add_argument("--resend-interval", dest="resend_interval")
+    agg.add_argument("--max-backoff", dest="max_backoff")
     agg.add_argument("--external-url", dest="external_url")
     agg.set_defaults(run=_aggregator)
     return p

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--out", default="out")
+    parser.add_argument("--seconds-per-step", type=float, default=0.5, help="pace, so the 1 s rule evaluations see the run unfold")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -60,6 +62,9 @@ def main() -> None:
         model, optimizer, job="example-" + ("healthy" if args.healthy else "exploding"),
         jsonl_path=os.path.join(args.out, "train_ddp.jsonl"), activation_every=5,
     )
+    # gradwatch's alert rules, evaluated in this process (no Prometheus needed): second-scale windows
+    # for a demo that lasts seconds (examples/demo_rules.yaml), alerts logged as they fire.
+    watcher = agent.watch_rules(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_rules.yaml"))
     if rank == 0 and agent.metrics_port:
         print(f"metrics: http://127.0.0.1:{agent.metrics_port}/metrics")
 
@@ -69,16 +74,22 @@ def main() -> None:
         order = torch.randperm(len(x), generator=g)
         for start in range(0, len(x) - batch * world + 1, batch * world):
             idx = order[start + rank * batch : start + (rank + 1) * batch]
+            started = time.time()
             loss = nn.functional.mse_loss(model(x[idx]), y[idx])
             loss.backward()
             agent.step(optimizer, loss=loss)
             optimizer.zero_grad()
+            time.sleep(max(0.0, args.seconds_per_step - (time.time() - started)))
             st = agent.last_stats
             if rank == 0 and st is not None and st.step % 5 == 0:
                 worst = max(range(len(st.layers)), key=lambda i: st.layer_grad_norm[i])
                 print(f"epoch {epoch} step {st.step:3d}  loss {st.loss_mean:12.4g}  grad-norm {st.grad_norm:10.4g}  "
                       f"largest layer {st.layers[worst]} ({st.layer_grad_norm[worst]:.3g})")
 
+    agent.flush()
+    if watcher is not None:
+        fired = sorted({c.alert.labels["alertname"] for c in watcher.history if c.after == "firing"})
+        print(f"alerts raised in process: {', '.join(fired) or 'none'}")
     if rank == 0:
         origin = agent.nan_origin
         if origin is None:

@@ -20,7 +20,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradwatch.agent import HealthAgent
-from training_fixtures import mixed_mlp, regression_data, seed003_model
+import time
+
+from training_fixtures import mixed_mlp, regression_data, seed003_model, sigmoid_stack
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -272,7 +274,50 @@ def activations(p: dict) -> dict:
     return dict(modules=list(acts.modules), dead=acts.dead_ratio, saturated=acts.saturated_ratio, mean=acts.mean)
 
 
-SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, activations)}
+def alerting(p: dict) -> dict:
+    """A paced training job for the end-to-end alerting test: rank 0 serves metrics on a fixed port
+    for a real Prometheus. kind: healthy | nan | exploding | vanishing. Returns when the fault began."""
+    kind, pace = p["kind"], p["seconds_per_step"]
+    torch.manual_seed(0)
+    if kind == "exploding":  # seed 003: unscaled regression target, SGD lr 0.01
+        model, (x_all, y_all), lr = seed003_model(), regression_data(), 0.01
+    elif kind == "vanishing":  # seed 001's sigmoid stack, N(0,1) init, deep enough to vanish 100x
+        model, lr = sigmoid_stack(depth=30), 1e-3
+        g = torch.Generator().manual_seed(0)
+        x_all, y_all = torch.randn(256, 50, generator=g), torch.rand(256, 50, generator=g)
+    else:
+        model, lr = mixed_mlp(), 1e-3
+        g = torch.Generator().manual_seed(0)
+        x_all = torch.randn(512, 12, generator=g)
+        y_all = torch.tanh(x_all[:, :4]) + 0.05 * torch.randn(512, 4, generator=g)
+    state = {"poison": False}
+    if kind == "nan":
+        def poison(_m, _i, out):
+            return out * float("nan") if (state["poison"] and RANK == 1) else out
+        model[3].register_forward_hook(poison)
+    model = wrap(model, "ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=lr) if kind in ("exploding", "vanishing") else torch.optim.Adam(model.parameters(), lr=lr)
+    agent = HealthAgent(model, opt, job=p["job"], metrics_port=p["port"] if RANK == 0 else None,
+                        metrics_addr="127.0.0.1", activation_every=5, update_ratio_every=5)
+    fault_time = time.time() if kind in ("exploding", "vanishing") else None
+    batch = 32
+    for step in range(p["steps"]):
+        started = time.time()
+        if kind == "nan" and step == p["fault_step"]:
+            state["poison"], fault_time = True, time.time()
+        idx = torch.arange(step * batch * WORLD, (step + 1) * batch * WORLD) % len(x_all)
+        xb, yb = local_slice(x_all[idx]), local_slice(y_all[idx])
+        loss = nn.functional.mse_loss(model(xb), yb)
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+        time.sleep(max(0.0, pace - (time.time() - started)))
+    time.sleep(p.get("linger", 0))  # keep serving the last values for a few scrapes
+    agent.close()
+    return dict(fault_time=fault_time, origin=None if agent.nan_origin is None else agent.nan_origin.layer)
+
+
+SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, activations, alerting)}
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -313,3 +314,34 @@ def test_activation_std_is_precise_for_a_large_mean():
     agent.step(opt)
     assert agent.last_stats.activations.std[0] == pytest.approx(expected, rel=1e-6)
     agent.close()
+
+
+def test_embedded_rules_raise_alerts_in_process_with_layer_labels():
+    """The in-process evaluator over the agent's own series (no Prometheus): seed 003's regression
+    explodes, then goes NaN; both alerts fire, each naming where."""
+    from gradwatch.aggregator.rules import parse_rules
+    from training_fixtures import regression_data, seed003_model
+
+    rules = parse_rules("interval: 1s\nrules:\n  exploding_gradient: {window: 30s, for: 0s}\n  nan_gradient: {window: 10s}\n")
+    x, y = regression_data()
+    model = seed003_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = HealthAgent(model, opt, job="embedded", metrics_port=None, activation_every=1)
+    seen = []
+    watcher = agent.watch_rules(rules, on_alert=seen.append)
+    for step in range(14):
+        started = time.time()
+        loss = nn.functional.mse_loss(model(x[step * 64:(step + 1) * 64]), y[step * 64:(step + 1) * 64])
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+        time.sleep(max(0.0, 0.5 - (time.time() - started)))
+    agent.flush()
+    agent.close()
+    firing = [c.alert for c in seen if c.after == "firing"]
+    assert watcher.history == seen
+    exploding = [a for a in firing if a.labels["alertname"] == "GradwatchExplodingGradient"]
+    nan = [a for a in firing if a.labels["alertname"] == "GradwatchNanGradient"]
+    assert exploding and all(a.labels["job"] == "embedded" for a in exploding)
+    assert {a.labels.get("layer") for a in exploding} <= set(agent.layers) | {None}
+    assert len(nan) == 1 and nan[0].labels["layer"] == agent.nan_origin.layer and nan[0].labels["rank"] == "all"

@@ -66,12 +66,12 @@ CASES = {
             Series("gradwatch_layer_grad_norm", {"job": "j", "layer": "fc1"}, flat(0.6, 32) + flat(99, 9)),
             Series("gradwatch_layer_grad_norm", {"job": "j", "layer": "fc2"}, flat(0.8, 32) + flat(14, 9)),
         ],
-        [(minutes(8.5), []), (minutes(9), [alert("exploding_gradient", 100, job="j", layer="fc1")])],
+        [(minutes(8.5), []), (minutes(9), [alert("exploding_gradient", 99, job="j", layer="fc1"), alert("exploding_gradient", 14, job="j", layer="fc2")])],
     ),
-    "exploding_gradient/cap": (  # above the absolute cap from the first step: no baseline needed
+    "exploding_gradient/cap": (  # above the absolute cap from the first step: no baseline, no layer stands out
         [Series("gradwatch_grad_norm", {"job": "j"}, flat(2e4, 6)),
          Series("gradwatch_layer_grad_norm", {"job": "j", "layer": "fc1"}, flat(2e4, 6))],
-        [(45, []), (60, [alert("exploding_gradient", 2e4, job="j", layer="fc1")])],
+        [(45, []), (60, [alert("exploding_gradient", 2e4, job="j")])],
     ),
     "exploding_gradient/quiet": (  # noisy but stable, and a slow 5x drift over 20 minutes
         [Series("gradwatch_grad_norm", {"job": "j"}, [1 + 0.5 * (i % 3) + i * 0.05 for i in range(80)]),
@@ -87,7 +87,7 @@ CASES = {
         [Series("gradwatch_grad_norm_early_late_ratio", {"job": "j"}, flat(1e-3, 30)),
          Series("gradwatch_layer_grad_norm", {"job": "j", "layer": "fc0.weight"}, flat(2e-5, 30)),
          Series("gradwatch_layer_grad_norm", {"job": "j", "layer": "fc9.weight"}, flat(2e-2, 30))],
-        [(minutes(4.75), []), (minutes(5), [alert("vanishing_gradient", 1e-3, job="j", layer="fc0.weight")])],
+        [(minutes(4.75), []), (minutes(5), [alert("vanishing_gradient", 2e-5, job="j", layer="fc0.weight")])],
     ),
     "vanishing_gradient/quiet": (  # healthy ratio; an unused layer (norm exactly 0) is not "vanishing"
         [Series("gradwatch_grad_norm_early_late_ratio", {"job": "j"}, flat(0.2, 30)),

@@ -6,7 +6,7 @@ semantics for exactly the node types in `rules.promql`:
 - functions and arithmetic drop `__name__`; filtering comparisons keep the left side's labels and value;
 - vector matching by `on(...)` / all labels but the name, `group_left(...)` copying labels from the
   one side; `and`/`or`/`unless` by signature;
-- `max`/`min`/`topk`/`bottomk`/`quantile` with Prometheus's NaN handling, `increase` with its
+- `max`/`min`/`count`/`quantile` with Prometheus's NaN handling, `increase` with its
   extrapolation.
 
 tests/test_conformance.py holds this to promtool's answers on the same series.
@@ -188,9 +188,6 @@ def _aggregate(agg: Aggregate, vector: Vector) -> Vector:
     out = []
     for key, members in groups.items():
         values = [s.value for s in members]
-        if agg.op in ("topk", "bottomk"):
-            out.extend(_k(agg.op, int(agg.param or 1), members))
-            continue
         if agg.op == "max":
             value = values[0]
             for v in values[1:]:
@@ -209,28 +206,6 @@ def _aggregate(agg: Aggregate, vector: Vector) -> Vector:
             raise TypeError(f"unknown aggregation {agg.op}")
         out.append(Sample(key, value))
     return out
-
-
-def _k(op: str, k: int, members: list[Sample]) -> list[Sample]:
-    """topk/bottomk keeping the earliest series on ties and preferring numbers to NaN (k = 1 exact;
-    larger k keeps Prometheus's membership, not its heap order)."""
-    kept: list[Sample] = []
-    for s in members:
-        if len(kept) < k:
-            kept.append(s)
-            continue
-        worst = min(kept, key=lambda x: _rank(op, x.value)) if op == "topk" else max(kept, key=lambda x: _rank(op, x.value))
-        if op == "topk" and (worst.value < s.value or (math.isnan(worst.value) and not math.isnan(s.value))):
-            kept[kept.index(worst)] = s
-        elif op == "bottomk" and (worst.value > s.value or (math.isnan(worst.value) and not math.isnan(s.value))):
-            kept[kept.index(worst)] = s
-    return kept
-
-
-def _rank(op: str, value: float) -> float:
-    if math.isnan(value):
-        return -math.inf if op == "topk" else math.inf
-    return value
 
 
 # ---- binary operators ----------------------------------------------------------------------------

@@ -37,7 +37,10 @@ def _nan(s: specs.NanGradient) -> tuple[Expr, str, str]:
     recent = binary(">", Aggregate("max", over_time("max_over_time", "gradwatch_rank_nonfinite", s.window), JOB), 0)
     counted = binary(">", over_time("increase", "gradwatch_nonfinite_steps_total", s.window), 0)
     trigger = binary("or", recent, counted, on=JOB)
-    located = with_labels_of(trigger, metric("gradwatch_nan_origin_step"), ("kind", "layer", "rank"))
+    # The origin over the same window as the trigger: when a job stops, both fade together and the
+    # alert keeps one identity instead of re-appearing without its location.
+    origin = over_time("max_over_time", "gradwatch_nan_origin_step", s.window)
+    located = with_labels_of(trigger, origin, ("kind", "layer", "rank"))
     return (
         binary("or", located, trigger, on=JOB),
         "Non-finite gradient or loss in {{ $labels.job }}",
@@ -46,31 +49,43 @@ def _nan(s: specs.NanGradient) -> tuple[Expr, str, str]:
     )
 
 
+def _above_own_median(name: str, ratio: float, window: int) -> Expr:
+    """`name` above `ratio` x its own median over `window`, series by series (matching on all labels)."""
+    return binary(">", metric(name), binary("*", over_time("quantile_over_time", name, window, param=0.5), ratio))
+
+
 def _exploding(s: specs.ExplodingGradient) -> tuple[Expr, str, str]:
-    norm = metric("gradwatch_grad_norm")
-    baseline = binary("*", over_time("quantile_over_time", "gradwatch_grad_norm", s.window, param=0.5), s.ratio)
-    cond = binary(">", norm, baseline, on=JOB)
+    """One alert per exploding layer while the global norm explodes, or one per job (no layer) when
+    only the global norm does, e.g. above the cap from the first step. Labels must not change from
+    one evaluation to the next (a new label set restarts `for`), so the layer is each layer's own
+    condition, never "the currently largest layer"."""
+    explodes = _above_own_median("gradwatch_grad_norm", s.ratio, s.window)
     if s.cap is not None:
-        cond = binary("or", cond, binary(">", norm, s.cap), on=JOB)
-    largest = Aggregate("topk", metric("gradwatch_layer_grad_norm"), JOB, 1)
+        explodes = binary("or", explodes, binary(">", metric("gradwatch_grad_norm"), s.cap))
+    layers = binary("and", _above_own_median("gradwatch_layer_grad_norm", s.ratio, s.window), explodes, on=JOB)
     return (
-        binary("or", with_labels_of(cond, largest, ("layer",)), cond, on=JOB),
+        binary("or", layers, explodes, on=JOB),
         "Exploding gradients in {{ $labels.job }}",
-        "Global gradient norm {{ $value | humanize }} is above " + f"{s.ratio:g}x its {duration(s.window)} median"
-        + (f" or the cap {s.cap:g}" if s.cap is not None else "") + "; largest in layer {{ $labels.layer }}.",
+        "Gradient norm {{ $value | humanize }}{{ if $labels.layer }} at layer {{ $labels.layer }}{{ end }}: "
+        + f"over {s.ratio:g}x its {duration(s.window)} median, and the global norm is over {s.ratio:g}x its median"
+        + (f" or over the cap {s.cap:g}." if s.cap is not None else "."),
     )
 
 
 def _vanishing(s: specs.VanishingGradient) -> tuple[Expr, str, str]:
+    """Per layer: below the absolute floor, or below `early_late_floor` x the largest layer's norm
+    while the early/late ratio says the loss is depth-structured (not one odd small tensor)."""
     layer_norm = metric("gradwatch_layer_grad_norm")
     below_floor = binary(">", binary("<", layer_norm, s.floor), 0)  # exactly 0: no gradient reached it (unused)
-    ratio_low = binary("<", metric("gradwatch_grad_norm_early_late_ratio"), s.early_late_floor)
-    smallest = Aggregate("bottomk", binary(">", layer_norm, 0), JOB, 1)
+    largest = binary("*", Aggregate("max", layer_norm, JOB), s.early_late_floor)
+    small_share = binary("<", binary(">", layer_norm, 0), largest, on=JOB, group_left=())
+    depth_structured = binary("<", metric("gradwatch_grad_norm_early_late_ratio"), s.early_late_floor)
     return (
-        binary("or", below_floor, with_labels_of(ratio_low, smallest, ("layer",)), on=JOB),
+        binary("or", below_floor, binary("and", small_share, depth_structured, on=JOB)),
         "Vanishing gradients in {{ $labels.job }} at layer {{ $labels.layer }}",
-        "Gradient at layer {{ $labels.layer }} of {{ $labels.job }} has vanished: {{ $value | humanize }} "
-        + f"(a layer norm below {s.floor:g}, or the early/late layer norm ratio below {s.early_late_floor:g}).",
+        "Gradient norm at layer {{ $labels.layer }} of {{ $labels.job }} is {{ $value | humanize }}: "
+        + f"below {s.floor:g}, or below {s.early_late_floor:g}x the largest layer's while the early layers' "
+        + f"norm is below {s.early_late_floor:g}x the late layers'.",
     )
 
 
@@ -153,12 +168,17 @@ BUILDERS = {
 assert BUILDERS.keys() == specs.RULE_TYPES.keys()
 
 
+# Alert identity: these labels and nothing else. Aggregating by them drops target labels such as
+# `instance` (a restarted rank 0 on another host is the same job) and merges duplicate scrapes.
+ALERT_LABELS = ("job", "kind", "layer", "rank")
+
+
 def compile_rule(name: str, spec: specs.RuleSpec) -> CompiledRule:
     expr, summary, description = BUILDERS[name](spec)
     return CompiledRule(
         name=name,
         alert=alert_name(name),
-        expr=expr,
+        expr=Aggregate("max", expr, ALERT_LABELS),
         for_s=spec.for_,
         labels={"severity": spec.severity, **spec.labels},
         annotations={"summary": summary, "description": description, "runbook": spec.runbook},

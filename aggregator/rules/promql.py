@@ -17,7 +17,7 @@ ARITHMETIC = ("+", "-", "*", "/")
 COMPARISON = (">", "<", ">=", "<=", "==", "!=")
 SET_OPS = ("and", "or", "unless")
 RANGE_FUNCTIONS = ("avg_over_time", "max_over_time", "min_over_time", "quantile_over_time", "increase")
-AGGREGATIONS = ("max", "min", "count", "quantile", "topk", "bottomk")
+AGGREGATIONS = ("max", "min", "count", "quantile")
 
 
 @dataclass(frozen=True)

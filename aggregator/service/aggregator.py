@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from ..evaluate.alerts import FIRING, PENDING, RESOLVED, Alert, AlertTracker, Transition
 from ..evaluate.interpreter import EvaluationError
 from ..rules.compile import CompiledRule
-from .clients import AlertmanagerClient, PrometheusClient, UpstreamError, alertmanager_payload
+from .clients import AlertmanagerClient, PrometheusClient, Unreachable, UpstreamError, alertmanager_payload
 from .metrics import AggregatorMetrics
 from .store import AlertStore
 
@@ -42,8 +42,9 @@ class Aggregator:
         self.lock = threading.Lock()
         self.tracker = AlertTracker(rules, store.load(), hold_undelivered=True)
         self.last_round: Optional[float] = None
-        self._backoff = 0.0
+        self._backoff = 0.0  # Alertmanager
         self._next_delivery = 0.0
+        self._query_backoff = 0.0  # Prometheus: added to the interval while it does not answer
         self._down: set[str] = set()
         restored = [a for a in self.tracker.alerts.values() if a.state != RESOLVED]
         if restored:
@@ -60,12 +61,19 @@ class Aggregator:
                 reached = True
                 with self.lock:
                     changes += self.tracker.update(rule.name, now, samples)
-            except (UpstreamError, EvaluationError) as exc:
+            except Unreachable as exc:  # the other rules would only wait for the same timeout
                 self.metrics.rule_failures.labels(rule.name).inc()
                 self._report_down("prometheus", exc)
+                break
+            except (UpstreamError, EvaluationError) as exc:  # this rule's query is at fault, not Prometheus
+                self.metrics.rule_failures.labels(rule.name).inc()
+                log.error("gradwatch aggregator: rule %s failed: %s", rule.name, exc)
         self.metrics.prometheus_up.set(int(reached))
         if reached:
+            self._query_backoff = 0.0
             self._report_up("prometheus")
+        else:
+            self._query_backoff = min(self.max_backoff, max(1.0, self._query_backoff * 2))
         for change in changes:
             if change.after in (FIRING, RESOLVED):
                 a = change.alert
@@ -125,7 +133,7 @@ class Aggregator:
                 self.deliver(self.clock())
             except Exception:  # the loop must survive anything, including a full disk
                 log.exception("gradwatch aggregator: evaluation round failed; retrying next interval")
-            stop.wait(max(0.0, self.interval - (self.clock() - started)))
+            stop.wait(max(0.0, self.interval + self._query_backoff - (self.clock() - started)))
 
     def active(self, job: Optional[str] = None) -> list[Alert]:
         with self.lock:

@@ -12,7 +12,11 @@ from ..evaluate.interpreter import Sample
 
 
 class UpstreamError(RuntimeError):
-    """Prometheus or Alertmanager could not be reached or refused the request."""
+    """Prometheus or Alertmanager refused a request."""
+
+
+class Unreachable(UpstreamError):
+    """No answer at all (connection refused, timeout): pointless to try the next query now."""
 
 
 class PrometheusClient:
@@ -24,7 +28,7 @@ class PrometheusClient:
         try:
             response = self._http.get("/api/v1/query", params={"query": promql, "time": f"{at:.3f}"})
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"Prometheus unreachable: {exc!r}") from exc
+            raise Unreachable(f"Prometheus unreachable: {exc!r}") from exc
         try:
             body = response.json()
         except ValueError:
@@ -66,7 +70,7 @@ class AlertmanagerClient:
         try:
             response = self._http.post("/api/v2/alerts", json=list(payload))
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"Alertmanager unreachable: {exc!r}") from exc
+            raise Unreachable(f"Alertmanager unreachable: {exc!r}") from exc
         if response.status_code // 100 != 2:
             raise UpstreamError(f"Alertmanager refused the alerts ({response.status_code}): {response.text[:300]}")
 
