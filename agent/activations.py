@@ -90,7 +90,7 @@ class ActivationMonitor:
     def num_modules(self) -> int:
         return len(self.names)
 
-    def remove(self) -> None:
+    def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []

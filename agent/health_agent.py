@@ -199,7 +199,7 @@ class HealthAgent:
         """Flush the sinks and stop the metrics server and hooks. Safe to call twice."""
         for feature, part in (("export", self._publisher), ("jsonl", self._jsonl), ("export", self.metrics), ("activations", self._acts)):
             if part is not None:
-                self._guarded(feature, part.remove if part is self._acts else part.close)
+                self._guarded(feature, part.close)
         self._jsonl, self.metrics = None, None
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -258,8 +258,12 @@ class HealthAgent:
         # and every rank switches statistics off at the same step.
         amp = scaler is not None and scaler.is_enabled()
         self._guarded("stats", lambda: self._publish(step, host, optimizer, started, amp), disable=True)
-        if not self._enabled["stats"] and self._acts is not None:
-            self._acts.remove()  # the same decision on every rank: stop paying for hooks
+        if not self._enabled["stats"]:
+            self._drop_activations()  # the same decision on every rank: stop paying for hooks
+
+    def _drop_activations(self) -> None:
+        if self._acts is not None:
+            self._acts.close()
             self._acts = None
 
     def _fill_local(self, packet: Packet, row: torch.Tensor, loss: Any) -> None:
@@ -270,10 +274,9 @@ class HealthAgent:
         if loss is not None:
             if isinstance(loss, torch.Tensor) and loss.device == self.topology.device:
                 value = loss.detach().float().mean()
-            elif isinstance(loss, torch.Tensor):  # a host tensor: read it on the host, no device copy
-                value = torch.full((), float(loss.detach().float().mean()), device=self.topology.device)
-            else:  # a fill, not a host-to-device copy (which would sync)
-                value = torch.full((), float(loss), device=self.topology.device)
+            else:  # a host tensor or a number: read on the host, then a fill (a host-to-device copy would sync)
+                host = loss.detach().float().mean() if isinstance(loss, torch.Tensor) else loss
+                value = torch.full((), float(host), device=self.topology.device)
             row[RANK_INDEX["has_loss"]].fill_(1.0)
             row[RANK_INDEX["loss"]].copy_(value)
             row[RANK_INDEX["loss_nonfinite"]].copy_(~torch.isfinite(value))
@@ -302,8 +305,7 @@ class HealthAgent:
         module_names = self._acts.names if self._acts is not None else ()
         if any(e & 2 for e in errors) and self._acts is not None:
             self._fail("activations", RuntimeError(f"activation statistics failed on rank(s) {[r for r, e in enumerate(errors) if e & 2]}"))
-            self._acts.remove()
-            self._acts = None
+            self._drop_activations()
             host = {k: v for k, v in host.items() if not k.startswith("act_")}
         grad_sumsq = host["grad_sumsq"]
         max_abs = host["grad_max_abs"]

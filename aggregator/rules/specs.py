@@ -100,12 +100,17 @@ class VanishingGradient(RuleSpec):
     )
 
 
-class SaturatedActivation(RuleSpec):
-    """Most tanh/sigmoid inputs of a module in the flat region (smdebug's limits)."""
+class _LayerFraction(RuleSpec):
+    """A per-module fraction above `max_ratio` (smdebug's threshold_layer: 50%), sustained."""
 
     for_: Duration = Field(300, alias="for")
     severity: Severity = "warning"
-    max_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of saturated inputs (smdebug threshold_layer 50%)")
+    max_ratio: float = Field(0.5, gt=0, lt=1)
+
+
+class SaturatedActivation(_LayerFraction):
+    """Most tanh/sigmoid inputs of a module in the flat region (smdebug's limits)."""
+
     runbook: str = (
         "The module's inputs sit where tanh/sigmoid are flat, so its gradient is almost zero. Lower the "
         "initial weight scale (Xavier), normalize the inputs to the layer (batch/layer norm), lower the "
@@ -113,12 +118,9 @@ class SaturatedActivation(RuleSpec):
     )
 
 
-class DeadUnits(RuleSpec):
+class DeadUnits(_LayerFraction):
     """More than half of a layer's units output zero for the whole global batch (dead ReLUs)."""
 
-    for_: Duration = Field(300, alias="for")
-    severity: Severity = "warning"
-    max_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of dead units (smdebug threshold_layer 50%)")
     runbook: str = (
         "Dead ReLUs never recover: lower the learning rate, use He initialization, use LeakyReLU/GELU, "
         "and check for a large negative bias or an exploding update that pushed pre-activations negative."
