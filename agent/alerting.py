@@ -38,6 +38,7 @@ class EmbeddedRules:
         self.on_alert = on_alert or log_alert
         self.history: list[Transition] = []
         self._last_eval: Optional[float] = None
+        self._callback_failed = False
 
     def __call__(self, stats: StepStats) -> None:
         if self._last_eval is not None and stats.time - self._last_eval < self.ruleset.interval:
@@ -48,7 +49,13 @@ class EmbeddedRules:
         for change in self.engine.evaluate(stats.time):
             if change.after in (FIRING, RESOLVED):
                 self.history.append(change)
-                self.on_alert(change)
+                try:
+                    self.on_alert(change)
+                except Exception as exc:  # a failing callback must not switch embedded alerting off
+                    if not self._callback_failed:
+                        log.error("gradwatch: on_alert failed (alerts are still logged): %r", exc)
+                        self._callback_failed = True
+                    log_alert(change)
 
     def firing(self) -> list:
         return self.engine.tracker.firing()

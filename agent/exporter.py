@@ -143,10 +143,11 @@ class StatsCollector:
         for i, value in enumerate(st.learning_rates):
             lr.add_metric([job, str(i)], value)
         yield lr
+        amp_overflow = bool(st.extra.get("amp_overflow"))  # GradScaler skips these steps itself
         per_rank = (
             ("gradwatch_rank_loss", "This rank's local training loss.", lambda r: r.loss),
-            ("gradwatch_rank_nonfinite", "Non-finite items on this rank this step (loss + activation modules + gradient layers).",
-             lambda r: int(r.loss_nonfinite) + r.nonfinite_modules + r.nonfinite_layers),
+            ("gradwatch_rank_nonfinite", "Non-finite items on this rank this step (loss + activation modules + gradient layers; an AMP overflow's gradients do not count).",
+             lambda r: int(r.loss_nonfinite) + r.nonfinite_modules + (0 if amp_overflow else r.nonfinite_layers)),
             ("gradwatch_rank_step_seconds", "Wall time of this rank's latest step.", lambda r: r.step_seconds),
         )
         for name, doc, get in per_rank:

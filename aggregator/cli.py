@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -85,6 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except ValidationError as exc:
         print(f"gradwatch: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.Error) as exc:
+        print(f"gradwatch: {exc}", file=sys.stderr)
         return 2
 
 

@@ -329,7 +329,7 @@ def test_embedded_rules_raise_alerts_in_process_with_layer_labels():
     agent = HealthAgent(model, opt, job="embedded", metrics_port=None, activation_every=1)
     seen = []
     watcher = agent.watch_rules(rules, on_alert=seen.append)
-    for step in range(14):
+    for step in range(18):  # NaN from about step 11: leaves several 1 s evaluations after it
         started = time.time()
         loss = nn.functional.mse_loss(model(x[step * 64:(step + 1) * 64]), y[step * 64:(step + 1) * 64])
         loss.backward()
@@ -344,4 +344,26 @@ def test_embedded_rules_raise_alerts_in_process_with_layer_labels():
     nan = [a for a in firing if a.labels["alertname"] == "GradwatchNanGradient"]
     assert exploding and all(a.labels["job"] == "embedded" for a in exploding)
     assert {a.labels.get("layer") for a in exploding} <= set(agent.layers) | {None}
-    assert len(nan) == 1 and nan[0].labels["layer"] == agent.nan_origin.layer and nan[0].labels["rank"] == "all"
+    assert len(nan) == 1, [c.alert.labels for c in seen]
+    assert nan[0].labels["layer"] == agent.nan_origin.layer and nan[0].labels["rank"] == "all"
+
+
+def test_amp_overflow_gradients_do_not_count_as_rank_nonfinite():
+    """GradScaler skips an overflow step itself: it must not page as a NaN (the NaN rule reads
+    gradwatch_rank_nonfinite), while a real non-finite loss still counts."""
+    from gradwatch.agent.exporter import AgentState, StatsCollector
+    from gradwatch.agent.stats import RankStats, StepStats
+
+    def rank_nonfinite(extra: dict, loss_bad: bool) -> float:
+        state = AgentState("amp", 1, "none", "0")
+        st = StepStats(step=1, time=0.0, world_size=1, layers=("w",), grad_norm=math.inf, layer_grad_norm=[math.inf],
+                       layer_grad_max_abs=[math.inf], layer_grad_nonfinite=[True], layer_weight_norm=[1.0],
+                       learning_rates=[0.1], ranks=[RankStats(0, 1.0, loss_bad, 0, 1, 0.1)])
+        st.extra.update(extra)
+        state.record(st)
+        samples = {s.name: s.value for f in StatsCollector(state).collect() for s in f.samples}
+        return samples["gradwatch_rank_nonfinite"]
+
+    assert rank_nonfinite({"amp_overflow": True}, loss_bad=False) == 0
+    assert rank_nonfinite({}, loss_bad=False) == 1
+    assert rank_nonfinite({"amp_overflow": True}, loss_bad=True) == 1

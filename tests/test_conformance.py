@@ -37,14 +37,20 @@ def episode(rng: random.Random, length: int) -> range:
     return range(start, start + length)
 
 
-def job_series(job: str, rng: random.Random, stop_at: int) -> list[Series]:
-    """One training job's agent series, with every pathology somewhere."""
+def job_series(job: str, rng: random.Random, stop_at: int, moves_at: int = 0) -> list[Series]:
+    """One training job's agent series, with every pathology somewhere. With `moves_at`, rank 0
+    restarts on another address at that sample: every series changes its `instance` label (the old
+    one lingers for Prometheus's 5-minute lookback), as after a pod restart."""
     out: list[Series] = []
     n = stop_at
 
     def add(name: str, labels: dict, values: list) -> None:
-        values = [None if (v is not None and rng.random() < 0.03) else v for v in values]  # scrape gaps
-        out.append(Series(name, {"job": job, **labels}, values[:n]))
+        values = [None if (v is not None and rng.random() < 0.03) else v for v in values][:n]  # scrape gaps
+        if not moves_at:
+            out.append(Series(name, {"job": job, **labels}, values))
+            return
+        out.append(Series(name, {"job": job, "instance": "host-a:9400", **labels}, values[:moves_at]))
+        out.append(Series(name, {"job": job, "instance": "host-b:9400", **labels}, [None] * moves_at + values[moves_at:]))
 
     explode, nan_at, vanish, spike = episode(rng, 15), episode(rng, 4), episode(rng, 20), episode(rng, 12)
     norm = []
@@ -99,7 +105,7 @@ def job_series(job: str, rng: random.Random, stop_at: int) -> list[Series]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_in_process_evaluator_matches_promtool(seed: int, tmp_path: Path):
     rng = random.Random(seed)
-    series = job_series("train-a", rng, N) + job_series("train-b", rng, rng.randrange(100, N))
+    series = job_series("train-a", rng, N) + job_series("train-b", rng, rng.randrange(100, N), moves_at=rng.randrange(40, 90))
     expected = in_process_alerts(SHORT_WINDOWS, series, 1, N)
     fired = Counter(e.alertname for e in expected for _ in e.alerts)
     assert len(fired) == 10, f"the data must make every rule fire at least once: {fired}"
@@ -126,3 +132,17 @@ def test_default_rules_match_promtool_too(tmp_path: Path):
     assert sum(len(e.alerts) for e in expected) > 0
     proc = run_promtool(tmp_path, RuleSet(), series, expected, 15)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_matching_filters_before_uniqueness_and_empty_sides_match_nothing():
+    """Two Prometheus 2.x behaviours random data rarely hits (checked against promtool by hand)."""
+    from gradwatch.aggregator.evaluate import SeriesStore, evaluate
+    from gradwatch.aggregator.rules.promql import binary, metric
+
+    store = SeriesStore()
+    for inst, v in (("a", 5.0), ("b", 1.0)):
+        store.add("x", {"job": "j", "instance": inst}, 0, v)
+    store.add("y", {"job": "j"}, 0, 2.0)
+    out = evaluate(binary(">", metric("x"), metric("y"), on=("job",)), store, 0)
+    assert [(dict(s.labels), s.value) for s in out] == [({"job": "j"}, 5.0)]
+    assert evaluate(binary(">", metric("absent"), metric("x"), on=("job",)), store, 0) == []

@@ -114,3 +114,14 @@ def test_templates_render_labels_conditionals_and_reject_the_unknown():
     for bad in ("{{ $value }}", "{{ .Labels.job }}", "{{ if $labels.a }}{{ if $labels.b }}{{ end }}{{ end }}", "{{ if $labels.a }}"):
         with pytest.raises(TemplateError):
             check(bad)
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("rules:\n  nan_gradient:\n    runbook: 'see {{ $value }}'\n", "unsupported template action"),
+    ("rules:\n  nan_gradient:\n    labels: {team-name: ml}\n", "not a usable label name"),
+    ("rules:\n  nan_gradient:\n    labels: {alertname: x}\n", "not a usable label name"),
+])
+def test_user_text_that_would_not_render_like_prometheus_is_rejected(text, reason):
+    with pytest.raises(RuleFileError) as err:
+        parse_rules(text, "r.yaml")
+    assert "r.yaml:3:" in str(err.value) and reason in str(err.value)

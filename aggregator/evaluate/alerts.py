@@ -78,19 +78,24 @@ class AlertTracker:
         been delivered (`sent_state == "resolved"`), so an Alertmanager outage loses nothing."""
         self.rules = {r.name: r for r in rules}
         self.hold_undelivered = hold_undelivered
-        self.alerts: dict[tuple[str, str], Alert] = {(a.rule, a.fingerprint): a for a in alerts if a.rule in self.rules}
+        # A restored pending alert starts its `for` again: the time the evaluator was down proves nothing.
+        self.alerts: dict[tuple[str, str], Alert] = {
+            (a.rule, a.fingerprint): a for a in alerts if a.rule in self.rules and a.state != PENDING
+        }
 
     def update(self, rule_name: str, now: float, samples: list[Sample]) -> list[Transition]:
         """Advance `rule_name` with the samples its expression gave at `now` (seconds)."""
         rule = self.rules[rule_name]
         changes: list[Transition] = []
-        seen: set[str] = set()
-        for sample in samples:
+        results: dict[str, tuple[Sample, dict[str, str], dict[str, str]]] = {}
+        for sample in samples:  # validate everything before any state changes
             labels, annotations = alert_from_sample(rule, sample)
             fp = fingerprint(labels)
-            if fp in seen:
+            if fp in results:
                 raise EvaluationError(f"{rule.alert}: several series give the same alert labels {labels}")
-            seen.add(fp)
+            results[fp] = (sample, labels, annotations)
+        seen = set(results)
+        for fp, (sample, labels, annotations) in results.items():
             alert = self.alerts.get((rule_name, fp))
             if alert is not None and alert.state != RESOLVED:
                 alert.value, alert.annotations = sample.value, annotations

@@ -6,7 +6,7 @@ semantics for exactly the node types in `rules.promql`:
 - functions and arithmetic drop `__name__`; filtering comparisons keep the left side's labels and value;
 - vector matching by `on(...)` / all labels but the name, `group_left(...)` copying labels from the
   one side; `and`/`or`/`unless` by signature;
-- `max`/`min`/`count`/`quantile` with Prometheus's NaN handling, `increase` with its
+- `max`/`min`/`count`/`quantile`/`topk` (k = 1) with Prometheus's NaN handling, `increase` with its
   extrapolation.
 
 tests/test_conformance.py holds this to promtool's answers on the same series.
@@ -188,6 +188,15 @@ def _aggregate(agg: Aggregate, vector: Vector) -> Vector:
     out = []
     for key, members in groups.items():
         values = [s.value for s in members]
+        if agg.op == "topk":  # k = 1: the first largest in series order, numbers before NaN
+            best = members[0]
+            for s in members[1:]:
+                if best.value < s.value or (math.isnan(best.value) and not math.isnan(s.value)):
+                    best = s
+            if int(agg.param or 1) != 1:
+                raise EvaluationError("topk is implemented for k = 1 only")
+            out.append(best)
+            continue
         if agg.op == "max":
             value = values[0]
             for v in values[1:]:
@@ -264,6 +273,8 @@ def _vector_scalar(op: str, lhs: Value, rhs: Value) -> Vector:
 
 
 def _vector_vector(b: Binary, lhs: Vector, rhs: Vector) -> Vector:
+    if not lhs or not rhs:
+        return []
     many_to_one = b.group_left is not None
     right: dict[Labels, Sample] = {}
     for s in rhs:
@@ -278,16 +289,16 @@ def _vector_vector(b: Binary, lhs: Vector, rhs: Vector) -> Vector:
         other = right.get(sig)
         if other is None:
             continue
-        if not many_to_one:
-            if sig in seen:
-                raise EvaluationError(f"multiple matches for labels {dict(sig)}: many-to-one matching must be explicit (group_left)")
-            seen[sig] = s.labels
         if b.op in ARITHMETIC:
             value, keep = _arith(b.op, s.value, other.value), True
         else:
             value, keep = s.value, _compare(b.op, s.value, other.value)
-        if not keep:
+        if not keep:  # Prometheus filters before it checks one-to-one uniqueness
             continue
+        if not many_to_one:
+            if sig in seen:
+                raise EvaluationError(f"multiple matches for labels {dict(sig)}: many-to-one matching must be explicit (group_left)")
+            seen[sig] = s.labels
         labels = dict(s.labels)
         if b.op in ARITHMETIC:
             labels.pop("__name__", None)

@@ -3,6 +3,7 @@ Prometheus's TSDB. Old samples are pruned past the longest window any rule looks
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Iterator, Mapping
 
 Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs, `__name__` first among equals
@@ -41,12 +42,22 @@ class SeriesStore:
                 if not points:
                     del by_labels[key]
 
-    def select(self, name: str, matchers: tuple[tuple[str, str], ...] = ()) -> Iterator[tuple[Labels, list[tuple[int, float]]]]:
-        """Series of `name` whose labels equal every matcher, in Prometheus's (sorted label) order."""
+    def select(self, name: str, matchers: tuple[tuple[str, str, str], ...] = ()) -> Iterator[tuple[Labels, list[tuple[int, float]]]]:
+        """Series of `name` matching every (label, op, value), in Prometheus's (sorted label) order.
+        Regexes are anchored, as in Prometheus."""
         for labels in sorted(self._series.get(name, {})):
             values = dict(labels)
-            if all(values.get(k, "") == v for k, v in matchers):
+            if all(_matches(values.get(k, ""), op, v) for k, op, v in matchers):
                 yield labels, self._series[name][labels]
+
+
+def _matches(actual: str, op: str, value: str) -> bool:
+    if op == "=":
+        return actual == value
+    if op == "!=":
+        return actual != value
+    hit = re.fullmatch(value, actual) is not None
+    return hit if op == "=~" else not hit
 
 
 __all__ = ["Labels", "SeriesStore", "labels_of"]

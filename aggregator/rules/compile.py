@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import specs
-from .promql import Aggregate, Expr, binary, duration, metric, over_time, render, with_labels_of
+from .promql import Aggregate, Expr, binary, by_job, duration, metric, over_time, render, with_labels_of
+from .templates import check as check_template
 
 JOB = ("job",)
+NOT_BIAS = (("layer", "!~", ".*[.]bias"),)  # biases feeding a norm layer have ~0 gradient by design
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,9 @@ def _nan(s: specs.NanGradient) -> tuple[Expr, str, str]:
     counted = binary(">", over_time("increase", "gradwatch_nonfinite_steps_total", s.window), 0)
     trigger = binary("or", recent, counted, on=JOB)
     # The origin over the same window as the trigger: when a job stops, both fade together and the
-    # alert keeps one identity instead of re-appearing without its location.
-    origin = over_time("max_over_time", "gradwatch_nan_origin_step", s.window)
+    # alert keeps one identity instead of re-appearing without its location. Two origins in the
+    # window (a run resumed and failed again): the latest one.
+    origin = Aggregate("topk", over_time("max_over_time", "gradwatch_nan_origin_step", s.window), JOB, 1)
     located = with_labels_of(trigger, origin, ("kind", "layer", "rank"))
     return (
         binary("or", located, trigger, on=JOB),
@@ -76,7 +79,8 @@ def _vanishing(s: specs.VanishingGradient) -> tuple[Expr, str, str]:
     """Per layer: below the absolute floor, or below `early_late_floor` x the largest layer's norm
     while the early/late ratio says the loss is depth-structured (not one odd small tensor)."""
     layer_norm = metric("gradwatch_layer_grad_norm")
-    below_floor = binary(">", binary("<", layer_norm, s.floor), 0)  # exactly 0: no gradient reached it (unused)
+    # exactly 0: no gradient reached it (unused); biases: see NOT_BIAS
+    below_floor = binary(">", binary("<", metric("gradwatch_layer_grad_norm", matchers=NOT_BIAS), s.floor), 0)
     largest = binary("*", Aggregate("max", layer_norm, JOB), s.early_late_floor)
     small_share = binary("<", binary(">", layer_norm, 0), largest, on=JOB, group_left=())
     depth_structured = binary("<", metric("gradwatch_grad_norm_early_late_ratio"), s.early_late_floor)
@@ -100,8 +104,8 @@ def _per_layer_ratio(name: str, summary: str, what: str):
 
 
 def _loss_not_decreasing(s: specs.LossNotDecreasing) -> tuple[Expr, str, str]:
-    recent = over_time("avg_over_time", "gradwatch_loss", s.window)
-    before = binary("*", over_time("avg_over_time", "gradwatch_loss", s.window, offset_s=s.window), 1 - s.min_decrease)
+    recent = by_job(over_time("avg_over_time", "gradwatch_loss", s.window))
+    before = binary("*", by_job(over_time("avg_over_time", "gradwatch_loss", s.window, offset_s=s.window)), 1 - s.min_decrease)
     return (
         binary(">=", recent, before, on=JOB),
         "Loss not decreasing in {{ $labels.job }}",
@@ -111,9 +115,9 @@ def _loss_not_decreasing(s: specs.LossNotDecreasing) -> tuple[Expr, str, str]:
 
 
 def _loss_spike(s: specs.LossSpike) -> tuple[Expr, str, str]:
-    baseline = over_time("avg_over_time", "gradwatch_loss", s.window, offset_s=s.baseline_offset)
+    baseline = by_job(over_time("avg_over_time", "gradwatch_loss", s.window, offset_s=s.baseline_offset))
     return (
-        binary(">", metric("gradwatch_loss"), binary("*", baseline, s.factor), on=JOB),
+        binary(">", by_job(metric("gradwatch_loss")), binary("*", baseline, s.factor), on=JOB),
         "Loss spike in {{ $labels.job }}",
         'Loss {{ printf "%.4g" $value }} is at least ' + f"{s.factor:g}x its mean over the preceding {duration(s.window)}.",
     )
@@ -121,16 +125,17 @@ def _loss_spike(s: specs.LossSpike) -> tuple[Expr, str, str]:
 
 def _update_ratio(s: specs.WeightUpdateRatio) -> tuple[Expr, str, str]:
     ratio = metric("gradwatch_layer_update_ratio")
+    too_small = binary(">", binary("<", metric("gradwatch_layer_update_ratio", matchers=NOT_BIAS), s.low), 0)
     return (
-        binary("or", binary(">", binary("<", ratio, s.low), 0), binary(">", ratio, s.high)),
+        binary("or", too_small, binary(">", ratio, s.high)),
         "Weight update ratio out of range in {{ $labels.job }} at layer {{ $labels.layer }}",
         "||dw||/||w|| of layer {{ $labels.layer }} is {{ $value | humanize }}, " + f"outside [{s.low:g}, {s.high:g}].",
     )
 
 
 def _overfit(s: specs.Overfit) -> tuple[Expr, str, str]:
-    train = over_time("avg_over_time", "gradwatch_loss", s.window)
-    gap = binary("/", binary("-", metric("gradwatch_eval_loss"), train, on=JOB), train, on=JOB)
+    train = by_job(over_time("avg_over_time", "gradwatch_loss", s.window))
+    gap = binary("/", binary("-", by_job(metric("gradwatch_eval_loss")), train, on=JOB), train, on=JOB)
     return (
         binary(">", gap, s.max_gap),
         "Overfitting in {{ $labels.job }}",
@@ -175,6 +180,8 @@ ALERT_LABELS = ("job", "kind", "layer", "rank")
 
 def compile_rule(name: str, spec: specs.RuleSpec) -> CompiledRule:
     expr, summary, description = BUILDERS[name](spec)
+    for text in (summary, description, spec.runbook):
+        check_template(text)
     return CompiledRule(
         name=name,
         alert=alert_name(name),

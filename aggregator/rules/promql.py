@@ -17,15 +17,15 @@ ARITHMETIC = ("+", "-", "*", "/")
 COMPARISON = (">", "<", ">=", "<=", "==", "!=")
 SET_OPS = ("and", "or", "unless")
 RANGE_FUNCTIONS = ("avg_over_time", "max_over_time", "min_over_time", "quantile_over_time", "increase")
-AGGREGATIONS = ("max", "min", "count", "quantile")
+AGGREGATIONS = ("max", "min", "count", "quantile", "topk")  # topk with k = 1 only
 
 
 @dataclass(frozen=True)
 class Selector:
-    """`metric{label="v"}`, optionally `[range] offset x` (seconds)."""
+    """`metric{label op "v"}` (op: = != =~ !~), optionally `[range] offset x` (seconds)."""
 
     metric: str
-    matchers: tuple[tuple[str, str], ...] = ()
+    matchers: tuple[tuple[str, str, str], ...] = ()
     range_s: Optional[int] = None
     offset_s: int = 0
 
@@ -89,7 +89,7 @@ def render(expr: Expr) -> str:
     if isinstance(expr, Selector):
         text = expr.metric
         if expr.matchers:
-            text += "{" + ", ".join(f'{k}="{v}"' for k, v in expr.matchers) + "}"
+            text += "{" + ", ".join(f'{k}{op}"{v}"' for k, op, v in expr.matchers) + "}"
         if expr.range_s is not None:
             text += f"[{duration(expr.range_s)}]"
         if expr.offset_s:
@@ -119,12 +119,18 @@ def _operand(expr: Expr) -> str:
 
 # ---- builders: keep rule definitions readable ----------------------------------------------------
 
-def metric(name: str, range_s: Optional[int] = None, offset_s: int = 0) -> Selector:
-    return Selector(name, range_s=range_s, offset_s=offset_s)
+def metric(name: str, range_s: Optional[int] = None, offset_s: int = 0, matchers: tuple = ()) -> Selector:
+    return Selector(name, tuple(matchers), range_s=range_s, offset_s=offset_s)
 
 
 def over_time(fn: str, name: str, range_s: int, offset_s: int = 0, param: Optional[float] = None) -> Call:
     return Call(fn, metric(name, range_s, offset_s), param)
+
+
+def by_job(expr: Expr) -> Aggregate:
+    """One series per job: drops target labels (`instance`, `pod`) so one-to-one matching cannot
+    meet two series of a job (a restarted rank 0 on a new address, inside the window)."""
+    return Aggregate("max", expr, ("job",))
 
 
 def binary(op: str, lhs: Expr, rhs: Union[Expr, float], on: Optional[tuple[str, ...]] = None,

@@ -11,10 +11,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from .templates import check as check_template
 
 Severity = Literal["critical", "warning", "info"]
 
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 
@@ -49,6 +52,22 @@ class RuleSpec(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, description="extra labels on the alert, e.g. team")
 
     runbook: str = ""  # class default: the fixes a responder should try, from the seed documents
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, labels: dict[str, str]) -> dict[str, str]:
+        for name, value in labels.items():
+            if not _LABEL_NAME.fullmatch(name) or name.startswith("__") or name == "alertname":
+                raise ValueError(f"{name!r} is not a usable label name (letters, digits, _; not __*, not alertname)")
+            if "{{" in value:
+                raise ValueError(f"label {name}: templates are not supported in label values")
+        return labels
+
+    @field_validator("runbook")
+    @classmethod
+    def _runbook_renders(cls, text: str) -> str:
+        check_template(text)  # rendered as an annotation: only what renders exactly like Prometheus
+        return text
 
 
 class NanGradient(RuleSpec):

@@ -11,7 +11,6 @@ import time
 from typing import Callable, Optional
 
 from ..evaluate.alerts import FIRING, PENDING, RESOLVED, Alert, AlertTracker, Transition
-from ..evaluate.interpreter import EvaluationError
 from ..rules.compile import CompiledRule
 from .clients import AlertmanagerClient, PrometheusClient, Unreachable, UpstreamError, alertmanager_payload
 from .metrics import AggregatorMetrics
@@ -65,7 +64,7 @@ class Aggregator:
                 self.metrics.rule_failures.labels(rule.name).inc()
                 self._report_down("prometheus", exc)
                 break
-            except (UpstreamError, EvaluationError) as exc:  # this rule's query is at fault, not Prometheus
+            except Exception as exc:  # this rule (its query, its data) is at fault, not the others
                 self.metrics.rule_failures.labels(rule.name).inc()
                 log.error("gradwatch aggregator: rule %s failed: %s", rule.name, exc)
         self.metrics.prometheus_up.set(int(reached))
@@ -78,10 +77,10 @@ class Aggregator:
             if change.after in (FIRING, RESOLVED):
                 a = change.alert
                 log.warning("gradwatch aggregator: %s %s %s", a.labels.get("alertname"), change.after, a.labels)
-        self._persist()
         self.metrics.evaluations.inc()
         self.metrics.last_evaluation.set(now)
         self.last_round = now
+        self._persist()
         return changes
 
     # ---- delivery ------------------------------------------------------------------------------
@@ -101,7 +100,8 @@ class Aggregator:
         self.metrics.pending_deliveries.set(undelivered)
         if not due or now < self._next_delivery:
             return 0
-        valid_for = 4 * max(self.interval, self.resend_interval)
+        # Alertmanager resolves a firing alert by itself at endsAt: outlast 4 rounds, backoff included.
+        valid_for = 4 * max(self.interval, self.resend_interval) + self.max_backoff
         try:
             self.alertmanager.post(alertmanager_payload(a, now, valid_for, self.generator_url) for a in due)
         except UpstreamError as exc:
@@ -128,11 +128,12 @@ class Aggregator:
         """Evaluate every `interval` until `stop`; never raises."""
         while not stop.is_set():
             started = self.clock()
-            try:
-                self.evaluate_once(started)
-                self.deliver(self.clock())
-            except Exception:  # the loop must survive anything, including a full disk
-                log.exception("gradwatch aggregator: evaluation round failed; retrying next interval")
+            # Separately: a failure to evaluate or to persist (a full disk) must not stop delivery.
+            for step in (lambda: self.evaluate_once(started), lambda: self.deliver(self.clock())):
+                try:
+                    step()
+                except Exception:  # the loop must survive anything
+                    log.exception("gradwatch aggregator: round failed; retrying next interval")
             stop.wait(max(0.0, self.interval + self._query_backoff - (self.clock() - started)))
 
     def active(self, job: Optional[str] = None) -> list[Alert]:
