@@ -41,7 +41,7 @@ EXPECTED = {
 
 
 @pytest.mark.multiproc
-def test_faults_page_through_prometheus_aggregator_and_alertmanager(tmp_path: Path):
+def test_faults_page_through_prometheus_aggregator_and_alertmanager(tmp_path: Path, capsys):
     pager = Pager()
     ports = {job: free_port() for job in JOBS}
     rules = tmp_path / "rules.yaml"
@@ -69,10 +69,12 @@ def test_faults_page_through_prometheus_aggregator_and_alertmanager(tmp_path: Pa
             assert 0 in vanished and max(vanished) < 20, vanished
             assert "ReLU" in pages["e2e-vanishing"]["annotations"]["runbook"]
             assert pager.alerts(job="e2e-healthy") == [], pager.alerts(job="e2e-healthy")
-            for job, page in pages.items():
-                fault = results[job][0]["fault_time"]
-                layers = sorted({a["labels"].get("layer", "-") for a in pager.alerts("firing", job=job, alertname=page["labels"]["alertname"])})
-                print(f"{job}: {page['labels']['alertname']} paged {page['received'] - fault:.1f} s after the fault; layers {layers}")
+            with capsys.disabled():  # shown in every run, not only with -s
+                for job, page in pages.items():
+                    fault = results[job][0]["fault_time"]
+                    layers = sorted({a["labels"].get("layer", "-") for a in pager.alerts("firing", job=job, alertname=page["labels"]["alertname"])})
+                    print(f"\n{job}: {page['labels']['alertname']} paged {page['received'] - fault:.1f} s after the fault; "
+                          f"{len(layers)} layer(s), first {layers[0]}")
             # nothing else paged for the faulty jobs but what follows from their fault
             allowed = {"e2e-nan": {"GradwatchNanGradient", "GradwatchRankOutlier"},
                        "e2e-exploding": {"GradwatchExplodingGradient", "GradwatchNanGradient"},
