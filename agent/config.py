@@ -44,7 +44,15 @@ class AgentConfig(BaseSettings):
     metrics_addr: str = Field("0.0.0.0", description="Address the metrics server binds.")
     jsonl_path: Optional[Path] = Field(None, description="Also write every measured step as one JSON line here (rank 0).")
 
-    mode: Literal["observe", "off"] = Field("observe", description="`off` makes agent.step a plain optimizer step.")
+    mode: Literal["observe", "guard", "off"] = Field(
+        "observe",
+        description="`observe`: report only. `guard`: also skip non-finite steps and clip gradient-norm spikes "
+        "(measures every step). `off`: agent.step is a plain optimizer step.",
+    )
+    guard_z_threshold: float = Field(2.5, gt=0, description="guard: clip a global norm whose z-score against its EMA exceeds this (ZClip's 2.5).")
+    guard_alpha: float = Field(0.97, gt=0, lt=1, description="guard: EMA decay of the norm's mean and variance (ZClip's 0.97).")
+    guard_warmup_steps: int = Field(25, ge=1, description="guard: steps that only build the baseline before clipping starts.")
+    guard_max_norm: Optional[float] = Field(None, gt=0, description="guard: also clip any global norm above this (None: adaptive only).")
 
     @field_validator("job")
     @classmethod

@@ -5,7 +5,7 @@ swaps a reference, a scrape never waits on training, and a layer that disappears
 with it. Series per job (an upper bound, reached once a loss, an eval loss and an update ratio
 have been seen; see docs/metrics.md):
 
-    5 * L  +  6 * A  +  3 * R  +  G  +  17  (+1 once a NaN origin is known)
+    5 * L  +  6 * A  +  3 * R  +  G  +  18  (+1 once a NaN origin is known, +2 in mode guard)
 
 L = reported layers (<= max_layers), A = hooked activation modules (<= max_activation_modules),
 R = ranks, G = optimizer param groups. Only the 3 per-rank series carry a `rank` label.
@@ -28,7 +28,7 @@ from .stats import NanOrigin, StepStats, early_late_ratio
 log = logging.getLogger("gradwatch.agent")
 
 FEATURES = ("stats", "activations", "export", "jsonl")
-SKIP_REASONS = ("amp_overflow",)  # the guard's reasons join these (closed-loop issue)
+SKIP_REASONS = ("amp_overflow", "nonfinite")  # GradScaler's own skip; the guard's
 
 
 class AgentState:
@@ -52,6 +52,8 @@ class AgentState:
         self.host_syncs_total = 0
         self.errors_total = {f: 0 for f in FEATURES}
         self.last_step_time: Optional[float] = None
+        self.guard_bound: Optional[float] = None  # mode "guard": the adaptive clip bound in force
+        self.clipped_steps_total: Optional[int] = None  # None unless mode "guard"
 
     def record(self, stats: StepStats) -> None:
         with self.lock:
@@ -86,6 +88,7 @@ class StatsCollector:
             )
             errors = dict(s.errors_total)
             skipped = dict(s.skipped_steps_total)
+            clipped, bound = s.clipped_steps_total, s.guard_bound
             last_time = s.last_step_time
         job = s.job
 
@@ -109,6 +112,14 @@ class StatsCollector:
         for feature in FEATURES:
             err.add_metric([job, feature], errors[feature])
         yield err
+        if clipped is not None:
+            c = CounterMetricFamily("gradwatch_guard_clipped_steps", "Steps whose gradients the guard clipped (mode guard).", labels=["job"])
+            c.add_metric([job], clipped)
+            yield c
+        if bound is not None:
+            g = _gauge("gradwatch_guard_clip_bound", "The guard's adaptive bound on the global gradient norm (EMA mean + z * std).", ["job"])
+            g.add_metric([job], bound)
+            yield g
         if origin is not None:
             g = _gauge("gradwatch_nan_origin_step", "Step at which a non-finite value first appeared, with where.", ["job", "kind", "layer", "rank"])
             rank = ",".join(map(str, origin.ranks)) if 0 < len(origin.ranks) < s.world_size else "all"

@@ -32,6 +32,7 @@ from .activations import ActivationMonitor
 from .config import AgentConfig
 from .exporter import AgentState, MetricsServer
 from .grad_stats import GradStats
+from .guard import Decision, Guard
 from .layers import build_layer_plan
 from .packet import Counters, Entry, Packet, Reduce
 from .publisher import JsonlSink, Publisher
@@ -95,6 +96,10 @@ class HealthAgent:
         self.nan_origin: Optional[NanOrigin] = None
         self._step = 0
         self._enabled = {"stats": self.config.mode != "off"}
+        c = self.config
+        self.guard = Guard(c.guard_alpha, c.guard_z_threshold, c.guard_warmup_steps, c.guard_max_norm) if c.mode == "guard" else None
+        if self.guard is not None:
+            self.state.clipped_steps_total = 0
         self._warned: set[str] = set()
         self._listeners: list[Listener] = []
         self._last_step_end = time.perf_counter()
@@ -174,9 +179,15 @@ class HealthAgent:
         step = self._step
         if self._enabled["stats"] and self._measured(step):
             self._measure(step, optimizer, loss, scaler)
+        decision = self._decide(step)
         if self._enabled["stats"] and self._update_snapshot_due(step):
             self._guarded("stats", self._grads.take_snapshot)
-        result = scaler.step(optimizer) if scaler is not None else optimizer.step()
+        if decision.clip_to is not None:
+            self._clip(optimizer, decision.clip_to)
+        if decision.skip:  # parameters and optimizer state (moments, step counts) untouched
+            result = None
+        else:
+            result = scaler.step(optimizer) if scaler is not None else optimizer.step()
         self._step += 1
         self.state.steps_total = self._step
         if self._acts is not None and self._enabled["stats"]:
@@ -212,6 +223,31 @@ class HealthAgent:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ---- the guard (mode "guard"): decisions from values every rank holds identically -----------
+
+    def _decide(self, step: int) -> Decision:
+        stats = self.last_stats
+        if self.guard is None or not self._enabled["stats"] or stats is None or stats.step != step:
+            return Decision()  # not measured (statistics failed: fail-open, on every rank alike)
+        if stats.extra.get("amp_overflow"):
+            return Decision()  # GradScaler skips this step itself
+        decision = self.guard.decide(stats.grad_norm, stats.nonfinite)
+        with self.state.lock:
+            self.state.guard_bound = self.guard.bound
+            if decision.skip:
+                self.state.skipped_steps_total["nonfinite"] += 1
+            if decision.clip_to is not None:
+                self.state.clipped_steps_total += 1
+        if decision.skip and self.rank == 0:
+            log.warning("gradwatch: guard skipped step %d (non-finite gradients or loss); parameters unchanged", step)
+        return decision
+
+    def _clip(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+        """Scale every gradient by max_norm / global norm: on the device, no host sync."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        total = torch.full((), self.last_stats.grad_norm, device=self.topology.device)  # type: ignore[union-attr]
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
     # ---- schedule: a function of the step counter only -------------------------------------------
 
     def _activation_due(self, step: int) -> bool:
@@ -226,6 +262,8 @@ class HealthAgent:
         return step >= 1 and self._update_snapshot_due(step - 1)
 
     def _measured(self, step: int) -> bool:
+        if self.guard is not None:
+            return True  # a skip decision needs every step's all-reduced finiteness
         return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step)
 
     # ---- measuring ----------------------------------------------------------------------------

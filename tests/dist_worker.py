@@ -317,7 +317,56 @@ def alerting(p: dict) -> dict:
     return dict(fault_time=fault_time, origin=None if agent.nan_origin is None else agent.nan_origin.layer)
 
 
-SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, activations, alerting)}
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _digest(tensors) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(_full(t.detach()).float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def guard(p: dict) -> dict:
+    """Mode guard under DDP/FSDP2 with Adam: a NaN in one rank's loss at `nan_step` must be skipped
+    on every rank with parameters and optimizer state untouched; a spike at `spike_step` clipped."""
+    torch.manual_seed(0)
+    model = wrap(mixed_mlp(), p["wrap"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    agent = HealthAgent(model, opt, job="guard", metrics_port=None, mode="guard", guard_warmup_steps=5)
+    skipped, clipped, around_nan = [], [], {}
+    for step in range(p["steps"]):
+        x, y = global_batch(step)
+        loss = nn.functional.mse_loss(model(local_slice(x)), local_slice(y))
+        if step == p["spike_step"] and RANK == 0:
+            loss = loss * 1000.0
+        if step == p["nan_step"] and RANK == 1:
+            loss = loss * float("nan")
+        loss.backward()
+        if step == p["nan_step"]:
+            around_nan["params"] = _digest(model.parameters())
+            around_nan["opt"] = _digest(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        before = (agent.state.skipped_steps_total["nonfinite"], agent.state.clipped_steps_total)
+        agent.step(opt, loss=loss)
+        if agent.state.skipped_steps_total["nonfinite"] > before[0]:
+            skipped.append(step)
+        if agent.state.clipped_steps_total > before[1]:
+            clipped.append(step)
+        if step == p["nan_step"]:
+            around_nan["params_after"] = _digest(model.parameters())
+            around_nan["opt_after"] = _digest(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        opt.zero_grad()
+    final = _digest(model.parameters())
+    finite = all(torch.isfinite(_full(q.detach())).all() for q in model.parameters())
+    bound = agent.guard.bound
+    agent.close()
+    return dict(skipped=skipped, clipped=clipped, final=final, finite=bool(finite), bound=bound, **around_nan)
+
+
+SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, activations, alerting, guard)}
 
 
 def main() -> None:
