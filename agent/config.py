@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
@@ -53,6 +53,10 @@ class AgentConfig(BaseSettings):
     guard_alpha: float = Field(0.97, gt=0, lt=1, description="guard: EMA decay of the norm's mean and variance (ZClip's 0.97).")
     guard_warmup_steps: int = Field(25, ge=1, description="guard: steps that only build the baseline before clipping starts.")
     guard_max_norm: Optional[float] = Field(None, gt=0, description="guard: also clip any global norm above this (None: adaptive only).")
+
+    aggregator_url: Optional[str] = Field(None, description="Rank 0 polls this aggregator for remediation commands (None: no commands).")
+    aggregator_token: Optional[SecretStr] = Field(None, description="Bearer token for the aggregator's command endpoints.")
+    command_poll_s: float = Field(2.0, gt=0, le=3600, description="How often rank 0 polls for commands (a background thread).")
 
     @field_validator("job")
     @classmethod

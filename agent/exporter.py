@@ -5,7 +5,7 @@ swaps a reference, a scrape never waits on training, and a layer that disappears
 with it. Series per job (an upper bound, reached once a loss, an eval loss and an update ratio
 have been seen; see docs/metrics.md):
 
-    5 * L  +  6 * A  +  3 * R  +  G  +  18  (+1 once a NaN origin is known, +2 in mode guard)
+    5 * L  +  6 * A  +  3 * R  +  G  +  20  (+1 once a NaN origin is known, +1 in mode guard)
 
 L = reported layers (<= max_layers), A = hooked activation modules (<= max_activation_modules),
 R = ranks, G = optimizer param groups. Only the 3 per-rank series carry a `rank` label.
@@ -28,7 +28,7 @@ from .stats import NanOrigin, StepStats, early_late_ratio
 log = logging.getLogger("gradwatch.agent")
 
 FEATURES = ("stats", "activations", "export", "jsonl")
-SKIP_REASONS = ("amp_overflow", "nonfinite")  # GradScaler's own skip; the guard's
+SKIP_REASONS = ("amp_overflow", "nonfinite", "command")  # GradScaler's own skip; the guard's; skip_steps
 
 
 class AgentState:
@@ -53,7 +53,7 @@ class AgentState:
         self.errors_total = {f: 0 for f in FEATURES}
         self.last_step_time: Optional[float] = None
         self.guard_bound: Optional[float] = None  # mode "guard": the adaptive clip bound in force
-        self.clipped_steps_total: Optional[int] = None  # None unless mode "guard"
+        self.clipped_steps_total = 0  # by the guard or a set_clip_norm command
 
     def record(self, stats: StepStats) -> None:
         with self.lock:
@@ -112,10 +112,9 @@ class StatsCollector:
         for feature in FEATURES:
             err.add_metric([job, feature], errors[feature])
         yield err
-        if clipped is not None:
-            c = CounterMetricFamily("gradwatch_guard_clipped_steps", "Steps whose gradients the guard clipped (mode guard).", labels=["job"])
-            c.add_metric([job], clipped)
-            yield c
+        c = CounterMetricFamily("gradwatch_clipped_steps", "Steps whose gradients were clipped (the guard or a set_clip_norm command).", labels=["job"])
+        c.add_metric([job], clipped)
+        yield c
         if bound is not None:
             g = _gauge("gradwatch_guard_clip_bound", "The guard's adaptive bound on the global gradient norm (EMA mean + z * std).", ["job"])
             g.add_metric([job], bound)

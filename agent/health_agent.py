@@ -32,7 +32,9 @@ from .activations import ActivationMonitor
 from .config import AgentConfig
 from .exporter import AgentState, MetricsServer
 from .grad_stats import GradStats
+from ..aggregator.commands import decode, encode
 from .guard import Decision, Guard
+from .remote import CommandClient
 from .layers import build_layer_plan
 from .packet import Counters, Entry, Packet, Reduce
 from .publisher import JsonlSink, Publisher
@@ -51,6 +53,8 @@ if TYPE_CHECKING:
     from .alerting import EmbeddedRules
 
 log = logging.getLogger("gradwatch.agent")
+
+HALT_EXIT_CODE = 86  # a `halt` command's exit: distinct from crashes (1) and signals (128+n)
 
 Listener = Callable[[StepStats], None]
 
@@ -82,6 +86,7 @@ class HealthAgent:
         model: torch.nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
         config: Optional[AgentConfig] = None,
+        on_halt: Optional[Callable[[int], None]] = None,
         **settings: Any,
     ) -> None:
         """`settings` are AgentConfig fields (`job="my-run"`); they override `GRADWATCH_*` variables."""
@@ -98,8 +103,12 @@ class HealthAgent:
         self._enabled = {"stats": self.config.mode != "off"}
         c = self.config
         self.guard = Guard(c.guard_alpha, c.guard_z_threshold, c.guard_warmup_steps, c.guard_max_norm) if c.mode == "guard" else None
-        if self.guard is not None:
-            self.state.clipped_steps_total = 0
+        self._clip_norm: Optional[float] = None  # set_clip_norm in force (identical on every rank)
+        self._lr_base: Optional[list[float]] = None  # learning rates before the first scale_lr
+        self._skip_left = 0  # skip_steps still to skip
+        self._incoming: list[float] = [0.0, 0.0, 0.0]  # [seq, kind code, value] reduced this step
+        self._sent: dict[int, Any] = {}  # rank 0: seq -> Command it put on the wire
+        self._on_halt = on_halt
         self._warned: set[str] = set()
         self._listeners: list[Listener] = []
         self._last_step_end = time.perf_counter()
@@ -128,6 +137,10 @@ class HealthAgent:
                 except Exception as exc:
                     self._fail("jsonl", exc)
         self._publisher = Publisher(sinks, self._fail)
+        self._remote: Optional[CommandClient] = None
+        if self.rank == 0 and self._enabled["stats"] and self.config.aggregator_url and self.config.aggregator_token:
+            self._remote = CommandClient(self.config.aggregator_url, self.config.aggregator_token.get_secret_value(),
+                                         self.config.job, self.config.command_poll_s)
 
     @classmethod
     def from_env(cls, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, **settings: Any) -> "HealthAgent":
@@ -179,6 +192,7 @@ class HealthAgent:
         step = self._step
         if self._enabled["stats"] and self._measured(step):
             self._measure(step, optimizer, loss, scaler)
+        self._apply_command(step, optimizer)
         decision = self._decide(step)
         if self._enabled["stats"] and self._update_snapshot_due(step):
             self._guarded("stats", self._grads.take_snapshot)
@@ -208,10 +222,10 @@ class HealthAgent:
 
     def close(self) -> None:
         """Flush the sinks and stop the metrics server and hooks. Safe to call twice."""
-        for feature, part in (("export", self._publisher), ("jsonl", self._jsonl), ("export", self.metrics), ("activations", self._acts)):
+        for feature, part in (("export", self._remote), ("export", self._publisher), ("jsonl", self._jsonl), ("export", self.metrics), ("activations", self._acts)):
             if part is not None:
                 self._guarded(feature, part.close)
-        self._jsonl, self.metrics = None, None
+        self._jsonl, self.metrics, self._remote = None, None, None
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait (bounded) until every measured step so far has reached the JSON lines file and listeners."""
@@ -226,21 +240,79 @@ class HealthAgent:
     # ---- the guard (mode "guard"): decisions from values every rank holds identically -----------
 
     def _decide(self, step: int) -> Decision:
-        stats = self.last_stats
-        if self.guard is None or not self._enabled["stats"] or stats is None or stats.step != step:
-            return Decision()  # not measured (statistics failed: fail-open, on every rank alike)
-        if stats.extra.get("amp_overflow"):
-            return Decision()  # GradScaler skips this step itself
-        decision = self.guard.decide(stats.grad_norm, stats.nonfinite)
+        """Skip or clip this step: from the guard, and from commands in force."""
+        decision = self._decide_measured(step)
+        if self._skip_left > 0 and not decision.skip:
+            self._skip_left -= 1
+            decision = Decision(skip=True, reason="command")
         with self.state.lock:
-            self.state.guard_bound = self.guard.bound
+            if self.guard is not None:
+                self.state.guard_bound = self.guard.bound
             if decision.skip:
-                self.state.skipped_steps_total["nonfinite"] += 1
+                self.state.skipped_steps_total[decision.reason] += 1
             if decision.clip_to is not None:
                 self.state.clipped_steps_total += 1
         if decision.skip and self.rank == 0:
             log.warning("gradwatch: guard skipped step %d (non-finite gradients or loss); parameters unchanged", step)
         return decision
+
+    def _decide_measured(self, step: int) -> Decision:
+        stats = self.last_stats
+        if not self._enabled["stats"] or stats is None or stats.step != step:
+            return Decision()  # not measured (statistics failed: fail-open, on every rank alike)
+        if stats.extra.get("amp_overflow"):
+            return Decision()  # GradScaler skips this step itself
+        decision = self.guard.decide(stats.grad_norm, stats.nonfinite) if self.guard is not None else Decision()
+        if not decision.skip and self._clip_norm is not None and stats.grad_norm > self._clip_norm:
+            decision = Decision(clip_to=min(decision.clip_to or math.inf, self._clip_norm), reason="command")
+        return decision
+
+    # ---- commands (the slow loop): applied from the reduced packet, identically on every rank -----
+
+    def _apply_command(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        seq, code, value = self._incoming
+        self._incoming = [0.0, 0.0, 0.0]
+        decoded = decode(code, value) if seq else None
+        if decoded is None:
+            return
+        kind, value = decoded
+        cmd = self._sent.get(int(seq)) if self.rank == 0 else None
+        outcome, detail = "applied", ""
+        try:
+            if kind == "set_clip_norm":
+                self._clip_norm = value
+            elif kind == "scale_lr":
+                if self._lr_base is None:
+                    self._lr_base = [float(g["lr"]) for g in optimizer.param_groups]
+                for group in optimizer.param_groups:
+                    group["lr"] = float(group["lr"]) * value
+            elif kind == "skip_steps":
+                self._skip_left = int(value)
+            elif kind == "reset":
+                if self._lr_base is not None:
+                    for group, lr in zip(optimizer.param_groups, self._lr_base):
+                        group["lr"] = lr
+                self._clip_norm, self._lr_base, self._skip_left = None, None, 0
+        except Exception as exc:  # the same on every rank: report, never kill the run
+            outcome, detail = "rejected", repr(exc)
+        if self.rank == 0:
+            log.warning("gradwatch: command %s(%g) %s at step %d on every rank", kind, value, outcome, step)
+            if cmd is not None and self._remote is not None:
+                self._remote.ack(cmd.id, step, outcome, detail)
+        if kind == "halt" and outcome == "applied":
+            self._halt(step, cmd.spec.reason if cmd is not None else "")
+
+    def _halt(self, step: int, reason: str) -> None:
+        """Every rank, the same step: the user's checkpoint callback, then a clean exit (HALT_EXIT_CODE)."""
+        if self.rank == 0:
+            log.error("gradwatch: halting at step %d on every rank: %s", step, reason)
+        if self._on_halt is not None:
+            try:
+                self._on_halt(step)
+            except Exception as exc:
+                log.error("gradwatch: on_halt callback failed on rank %d: %r", self.rank, exc)
+        self.close()
+        raise SystemExit(HALT_EXIT_CODE)
 
     def _clip(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
         """Scale every gradient by max_norm / global norm: on the device, no host sync."""
@@ -262,14 +334,15 @@ class HealthAgent:
         return step >= 1 and self._update_snapshot_due(step - 1)
 
     def _measured(self, step: int) -> bool:
-        if self.guard is not None:
-            return True  # a skip decision needs every step's all-reduced finiteness
+        if self.guard is not None or self._clip_norm is not None:
+            return True  # a skip or clip decision needs every step's all-reduced norm
         return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step)
 
     # ---- measuring ----------------------------------------------------------------------------
 
     def _spec(self, step: int) -> list[Entry]:
-        spec = [Entry("ranks", Reduce.SUM if self.world_size > 1 else Reduce.LOCAL, self.world_size * len(RANK_FIELDS))]
+        shared = Reduce.SUM if self.world_size > 1 else Reduce.LOCAL
+        spec = [Entry("ranks", shared, self.world_size * len(RANK_FIELDS)), Entry("command", shared, 3)]
         spec += self._grads.spec(with_update=self._update_due(step))
         if self._acts is not None:
             spec += self._acts.spec(self._activation_due(step))
@@ -292,6 +365,7 @@ class HealthAgent:
         except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
             self._fail("stats", exc)
             return
+        self._incoming = host["command"]
         # Decoding reads only values every rank holds identically, so if it fails it fails everywhere,
         # and every rank switches statistics off at the same step.
         amp = scaler is not None and scaler.is_enabled()
@@ -319,6 +393,15 @@ class HealthAgent:
             row[RANK_INDEX["loss"]].copy_(value)
             row[RANK_INDEX["loss_nonfinite"]].copy_(~torch.isfinite(value))
         row[RANK_INDEX["step_seconds"]].fill_(time.perf_counter() - self._last_step_end)
+        cmd = self._remote.take() if self._remote is not None else None
+        if cmd is not None:  # rank 0 alone writes; the SUM gives every rank these exact values
+            seq = len(self._sent) + 1
+            self._sent[seq] = cmd
+            code, value = encode(cmd.spec)
+            slot = packet.slot("command")
+            slot[0].fill_(float(seq))
+            slot[1].fill_(code)
+            slot[2].fill_(value)
 
     def _fill_activations(self, packet: Packet, row: torch.Tensor) -> None:
         assert self._acts is not None

@@ -3,12 +3,14 @@
     gradwatch rules export [--rules FILE] [-o OUT]   Prometheus rule file from the specs
     gradwatch rules check FILE                       validate a rules YAML file
     gradwatch aggregator [--rules FILE] [...]        run the aggregator service
+    gradwatch signal --job NAME scale-lr 0.5 --reason "..."   send a command to a job's ranks
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -49,6 +51,41 @@ def _aggregator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signal(args: argparse.Namespace) -> int:
+    """Validate locally (a clear error before any request), then POST through the aggregator's API."""
+    import os
+
+    import httpx
+    from pydantic import TypeAdapter
+
+    from .commands import CommandSpec
+
+    kind = args.kind.replace("-", "_")
+    body: dict = {"kind": kind, "reason": args.reason or "", "ttl_s": args.ttl}
+    if kind in ("set_clip_norm", "scale_lr", "skip_steps"):
+        if args.value is None:
+            print(f"gradwatch: {args.kind} needs a value", file=sys.stderr)
+            return 2
+        body[{"set_clip_norm": "max_norm", "scale_lr": "factor", "skip_steps": "n"}[kind]] = args.value
+    TypeAdapter(CommandSpec).validate_python(body)
+    token = os.environ.get("GRADWATCH_AGGREGATOR_TOKEN")
+    if not token:
+        print("gradwatch: set GRADWATCH_AGGREGATOR_TOKEN to the aggregator's token", file=sys.stderr)
+        return 2
+    url = args.aggregator_url.rstrip("/") + f"/api/v1/jobs/{args.job}/commands"
+    try:
+        response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"gradwatch: aggregator unreachable at {args.aggregator_url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 201:
+        print(f"gradwatch: refused ({response.status_code}): {response.text}", file=sys.stderr)
+        return 1
+    cmd = response.json()
+    print(f"{cmd['id']} {kind} queued for {args.job} (expires in {args.ttl} s)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradwatch", description="gradwatch: training-health rules and the aggregator service")
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,6 +111,15 @@ def parser() -> argparse.ArgumentParser:
     agg.add_argument("--max-backoff", dest="max_backoff")
     agg.add_argument("--external-url", dest="external_url")
     agg.set_defaults(run=_aggregator)
+
+    sig = sub.add_parser("signal", help="send a remediation command to every rank of a job")
+    sig.add_argument("--job", required=True)
+    sig.add_argument("kind", choices=["set-clip-norm", "scale-lr", "skip-steps", "halt", "reset"])
+    sig.add_argument("value", nargs="?", type=float, help="max norm, LR factor in (0, 1], or number of steps")
+    sig.add_argument("--reason", help="kept in the audit log (required for halt)")
+    sig.add_argument("--ttl", type=int, default=600, help="seconds before an unapplied command is dropped")
+    sig.add_argument("--aggregator-url", default=os.environ.get("GRADWATCH_AGGREGATOR_URL", "http://127.0.0.1:9095"))
+    sig.set_defaults(run=_signal)
     return p
 
 

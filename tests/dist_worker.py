@@ -298,7 +298,9 @@ def alerting(p: dict) -> dict:
     model = wrap(model, "ddp")
     opt = torch.optim.SGD(model.parameters(), lr=lr) if kind in ("exploding", "vanishing") else torch.optim.Adam(model.parameters(), lr=lr)
     agent = HealthAgent(model, opt, job=p["job"], metrics_port=p["port"] if RANK == 0 else None,
-                        metrics_addr="127.0.0.1", activation_every=5, update_ratio_every=5)
+                        metrics_addr="127.0.0.1", activation_every=5, update_ratio_every=5,
+                        aggregator_url=p.get("url"), aggregator_token=p.get("token"), command_poll_s=0.2)
+    losses, lrs = [], []
     fault_time = time.time() if kind in ("exploding", "vanishing") else None
     batch = 32
     for step in range(p["steps"]):
@@ -311,10 +313,14 @@ def alerting(p: dict) -> dict:
         loss.backward()
         agent.step(opt, loss=loss)
         opt.zero_grad()
-        time.sleep(max(0.0, pace - (time.time() - started)))
+        losses.append(float(loss.detach()))
+        lrs.append(opt.param_groups[0]["lr"])
+        step_pace = pace if step < p.get("slow_steps", p["steps"]) else p.get("fast_pace", pace)
+        time.sleep(max(0.0, step_pace - (time.time() - started)))
     time.sleep(p.get("linger", 0))  # keep serving the last values for a few scrapes
     agent.close()
-    return dict(fault_time=fault_time, origin=None if agent.nan_origin is None else agent.nan_origin.layer)
+    return dict(fault_time=fault_time, origin=None if agent.nan_origin is None else agent.nan_origin.layer,
+                losses=losses, lrs=lrs)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -366,7 +372,37 @@ def guard(p: dict) -> dict:
     return dict(skipped=skipped, clipped=clipped, final=final, finite=bool(finite), bound=bound, **around_nan)
 
 
-SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, activations, alerting, guard)}
+def commands(p: dict) -> dict:
+    """Paced training that takes remediation commands from a real aggregator; records, per step,
+    what every rank has in force, so the test can check they changed at the same step."""
+    torch.manual_seed(0)
+    model = wrap(mixed_mlp(), p["wrap"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    halted = Path(p["out"]) / f"halted-rank{RANK}"
+
+    def on_halt(step: int) -> None:  # the user's checkpoint
+        halted.write_text(str(step))
+
+    agent = HealthAgent(model, opt, job=p["job"], metrics_port=None, aggregator_url=p["url"], aggregator_token=p["token"],
+                        command_poll_s=0.2, on_halt=on_halt)
+    history, step_seconds = [], []
+    for step in range(p["steps"]):
+        started = time.time()
+        x, y = global_batch(step)
+        loss = nn.functional.mse_loss(model(local_slice(x)), local_slice(y))
+        loss.backward()
+        t0 = time.perf_counter()
+        agent.step(opt, loss=loss)
+        step_seconds.append(time.perf_counter() - t0)
+        opt.zero_grad()
+        history.append(dict(step=step, lr=opt.param_groups[0]["lr"], clip=agent._clip_norm,
+                            skipped=agent.state.skipped_steps_total["command"], clipped=agent.state.clipped_steps_total))
+        time.sleep(max(0.0, p["seconds_per_step"] - (time.time() - started)))
+    agent.close()
+    return dict(history=history, final=_digest(model.parameters()), step_seconds=step_seconds)
+
+
+SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, activations, alerting, guard, commands)}
 
 
 def main() -> None:

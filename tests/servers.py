@@ -4,6 +4,7 @@ with temporary configs derived from deploy/, plus the webhook receiver that play
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -48,13 +49,14 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: floa
 
 
 class Process:
-    def __init__(self, name: str, cmd: list[str], log: Path, ready_url: Optional[str]) -> None:
-        self.name, self.cmd, self.log_path, self.ready_url = name, cmd, log, ready_url
+    def __init__(self, name: str, cmd: list[str], log: Path, ready_url: Optional[str], env: Optional[dict] = None) -> None:
+        self.name, self.cmd, self.log_path, self.ready_url, self.env = name, cmd, log, ready_url, env
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 30) -> "Process":
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        env = None if self.env is None else {**os.environ, **self.env}
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         if self.ready_url:
             def ready() -> bool:
                 if self.proc.poll() is not None:
@@ -124,14 +126,16 @@ def alertmanager(tmp: Path, webhook_url: str, port: Optional[int] = None) -> Pro
     ], tmp / f"alertmanager-{port}.log", f"http://127.0.0.1:{port}/-/ready")
 
 
-def aggregator(tmp: Path, prometheus_url: str, alertmanager_url: str, rules: Optional[Path], state: Path, port: Optional[int] = None) -> Process:
+def aggregator(tmp: Path, prometheus_url: str, alertmanager_url: str, rules: Optional[Path], state: Path, port: Optional[int] = None,
+               token: Optional[str] = None) -> Process:
     port = port or free_port()
     cmd = [sys.executable, "-m", "gradwatch.aggregator.cli", "aggregator", "--prometheus-url", prometheus_url,
            "--alertmanager-url", alertmanager_url, "--state", str(state), "--port", str(port),
            "--eval-interval", "1s", "--resend-interval", "5s", "--max-backoff", "2s"]
     if rules is not None:
         cmd += ["--rules", str(rules)]
-    proc = Process("aggregator", cmd, tmp / f"aggregator-{port}.log", f"http://127.0.0.1:{port}/healthz")
+    env = {"GRADWATCH_AGGREGATOR_TOKEN": token} if token else None
+    proc = Process("aggregator", cmd, tmp / f"aggregator-{port}.log", f"http://127.0.0.1:{port}/healthz", env=env)
     proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     return proc
 

@@ -84,8 +84,8 @@ def test_prometheus_endpoint_serves_documented_series(run_ranks):
         for s in family.samples:
             samples.setdefault(s.name, []).append(s)
     L, A, R, G = r0["layers"], r0["activation_modules"], 2, r0["param_groups"]
-    # the documented formula (docs/metrics.md): 5L + 6A + 3R + G + 18, no NaN seen
-    assert sum(len(v) for v in samples.values()) == 5 * L + 6 * A + 3 * R + G + 18
+    # the documented formula (docs/metrics.md): 5L + 6A + 3R + G + 20, no NaN seen
+    assert sum(len(v) for v in samples.values()) == 5 * L + 6 * A + 3 * R + G + 20
     assert samples["gradwatch_skipped_steps_total"][0].value == 0
     for name in ("gradwatch_layer_grad_norm", "gradwatch_layer_weight_norm", "gradwatch_layer_update_ratio"):
         assert len(samples[name]) == L

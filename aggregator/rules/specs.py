@@ -254,14 +254,32 @@ class Rules(BaseModel):
     rank_outlier: RankOutlier = RankOutlier()
 
 
+class PolicySpec(BaseModel):
+    """What the aggregator does about firing alerts (docs/remediation.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    dry_run: bool = Field(False, description="audit the commands it would send, send none")
+    clip_quantile: float = Field(0.5, gt=0, lt=1, description="exploding: clip to this quantile of the job's recent global norms")
+    clip_window: PositiveDuration = 600
+    lr_factor: float = Field(0.5, gt=0, lt=1, description="repeated exploding or NaN: scale the learning rate by this")
+    repeat_window: PositiveDuration = 600
+    min_lr_fraction: float = Field(0.1, gt=0, le=1, description="never scale the learning rate below this fraction of the original")
+    max_commands: int = Field(5, ge=1, description="per job per rate_window")
+    rate_window: PositiveDuration = 3600
+
+
 class RuleSet(BaseModel):
-    """The whole configuration: evaluation interval, the rule group's name, and the rules."""
+    """The whole configuration: evaluation interval, the rule group's name, the rules, and the
+    remediation policy (which only the aggregator uses)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     group: str = Field("gradwatch", min_length=1)
     interval: PositiveDuration = Field(15, description="how often rules are evaluated (Prometheus and the aggregator)")
     rules: Rules = Rules()
+    policy: PolicySpec = PolicySpec()
 
     def enabled(self) -> list[tuple[str, RuleSpec]]:
         return [(name, spec) for name in RULE_TYPES if (spec := getattr(self.rules, name)).enabled]

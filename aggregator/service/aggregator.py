@@ -14,6 +14,7 @@ from ..evaluate.alerts import FIRING, PENDING, RESOLVED, Alert, AlertTracker, Tr
 from ..rules.compile import CompiledRule
 from .clients import AlertmanagerClient, PrometheusClient, Unreachable, UpstreamError, alertmanager_payload
 from .metrics import AggregatorMetrics
+from .policy import Policy
 from .store import AlertStore
 
 log = logging.getLogger("gradwatch.aggregator")
@@ -31,8 +32,10 @@ class Aggregator:
         resend_interval: float,
         max_backoff: float,
         generator_url: str,
+        policy: Optional["Policy"] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.policy = policy
         self.rules = rules
         self.prometheus, self.alertmanager, self.store, self.metrics = prometheus, alertmanager, store, metrics
         self.interval, self.resend_interval, self.max_backoff = interval, resend_interval, max_backoff
@@ -81,6 +84,11 @@ class Aggregator:
         self.metrics.last_evaluation.set(now)
         self.last_round = now
         self._persist()
+        if self.policy is not None:
+            try:
+                self.policy.react(changes, now)
+            except Exception:  # the policy must never stop alerting
+                log.exception("gradwatch aggregator: remediation policy failed")
         return changes
 
     # ---- delivery ------------------------------------------------------------------------------

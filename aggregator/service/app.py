@@ -3,28 +3,33 @@ The evaluation loop runs in a background thread for the app's lifetime."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..rules.compile import compile_rules
 from ..rules.specs import RuleSet
+from ..commands import Ack, Command, CommandSpec
 from .aggregator import Aggregator
+from .command_store import CommandStore
 from .clients import AlertmanagerClient, PrometheusClient
 from .config import AggregatorSettings
 from .metrics import AggregatorMetrics
+from .policy import Policy
 from .store import AlertStore
 
 
-def build_aggregator(settings: AggregatorSettings, ruleset: RuleSet) -> Aggregator:
+def build_aggregator(settings: AggregatorSettings, ruleset: RuleSet, commands: CommandStore) -> Aggregator:
     external = settings.external_url or f"http://{settings.host}:{settings.port}"
+    prometheus = PrometheusClient(settings.base(settings.prometheus_url), settings.timeout)
     return Aggregator(
         rules=compile_rules(ruleset),
-        prometheus=PrometheusClient(settings.base(settings.prometheus_url), settings.timeout),
+        prometheus=prometheus,
         alertmanager=AlertmanagerClient(settings.base(settings.alertmanager_url), settings.timeout),
         store=AlertStore(settings.state),
         metrics=AggregatorMetrics(),
@@ -32,6 +37,7 @@ def build_aggregator(settings: AggregatorSettings, ruleset: RuleSet) -> Aggregat
         resend_interval=settings.resend_interval,
         max_backoff=settings.max_backoff,
         generator_url=external.rstrip("/") + "/api/v1/alerts",
+        policy=Policy(ruleset.policy, commands, prometheus),
     )
 
 
@@ -44,7 +50,8 @@ def _alert_json(alert) -> dict[str, Any]:
 
 
 def create_app(settings: AggregatorSettings, ruleset: RuleSet) -> FastAPI:
-    aggregator = build_aggregator(settings, ruleset)
+    commands = CommandStore(settings.state)
+    aggregator = build_aggregator(settings, ruleset, commands)
     stop = threading.Event()
     thread = threading.Thread(target=aggregator.run, args=(stop,), name="gradwatch-aggregator", daemon=True)
 
@@ -57,9 +64,21 @@ def create_app(settings: AggregatorSettings, ruleset: RuleSet) -> FastAPI:
             stop.set()
             thread.join(timeout=settings.timeout + aggregator.interval)
             aggregator.store.close()
+            commands.close()
 
     app = FastAPI(title="gradwatch aggregator", lifespan=lifespan)
     app.state.aggregator = aggregator
+    app.state.commands = commands
+
+    def authorized(request: Request) -> None:
+        """Bearer token on every command and audit endpoint; refused attempts are audited."""
+        if settings.token is None:
+            raise HTTPException(503, "commands are disabled: set GRADWATCH_AGGREGATOR_TOKEN")
+        given = request.headers.get("authorization", "")
+        expected = "Bearer " + settings.token.get_secret_value()
+        if not secrets.compare_digest(given.encode(), expected.encode()):
+            commands.audit(request.path_params.get("job", ""), "unauthorized", {"method": request.method, "path": request.url.path})
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -78,6 +97,31 @@ def create_app(settings: AggregatorSettings, ruleset: RuleSet) -> FastAPI:
         for alert in aggregator.active(job):
             by_job.setdefault(alert.job, []).append(_alert_json(alert))
         return {"jobs": by_job}
+
+    @app.post("/api/v1/jobs/{job}/commands", status_code=201, dependencies=[Depends(authorized)])
+    def submit(job: str, spec: CommandSpec) -> Command:
+        """Queue a command for every rank of `job` (an operator's; the policy uses the store directly)."""
+        return commands.submit(job, spec, "operator")
+
+    @app.get("/api/v1/jobs/{job}/commands", dependencies=[Depends(authorized)])
+    def pending(job: str) -> dict[str, Any]:
+        """What the job's rank 0 polls: unacknowledged, unexpired commands, oldest first."""
+        return {"commands": [c.model_dump(mode="json") for c in commands.pending(job)]}
+
+    @app.post("/api/v1/commands/{command_id}/ack", dependencies=[Depends(authorized)])
+    def ack(command_id: str, body: Ack) -> Command:
+        cmd = commands.acknowledge(command_id, body)
+        if cmd is None:
+            raise HTTPException(404, f"no command {command_id}")
+        return cmd
+
+    @app.get("/api/v1/commands", dependencies=[Depends(authorized)])
+    def all_commands(job: Optional[str] = None) -> dict[str, Any]:
+        return {"commands": [c.model_dump(mode="json") for c in commands.commands(job)]}
+
+    @app.get("/api/v1/audit", dependencies=[Depends(authorized)])
+    def audit(job: Optional[str] = None) -> dict[str, Any]:
+        return {"events": commands.audit_log(job)}
 
     @app.get("/api/v1/rules")
     def rules() -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-from pydantic import AnyHttpUrl, BeforeValidator, Field
+from pydantic import AnyHttpUrl, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..rules.specs import parse_duration
@@ -27,6 +27,7 @@ class AggregatorSettings(BaseSettings):
     timeout: Seconds = Field(10, description="HTTP timeout towards Prometheus and Alertmanager")
     max_backoff: Seconds = Field(60, description="longest wait between retries while Alertmanager is down")
     external_url: Optional[str] = Field(None, description="base of each alert's generatorURL (default: this service)")
+    token: Optional[SecretStr] = Field(None, description="bearer token for the command and audit endpoints (unset: they answer 503)")
 
     def base(self, url: AnyHttpUrl) -> str:
         return str(url).rstrip("/")

@@ -1,0 +1,69 @@
+"""The remediation policy's decisions over a real SQLite command store: exploding -> clip to a
+quantile of recent norms; repeated exploding or NaN -> lower the LR; the floor, the rate limit and
+dry-run hold; vanishing sends nothing. Prometheus's answer to the quantile query is given by a
+stand-in (the service tests run the policy against a real Prometheus)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from gradwatch.aggregator.evaluate.alerts import FIRING, Alert, Transition
+from gradwatch.aggregator.evaluate.interpreter import Sample
+from gradwatch.aggregator.rules.specs import PolicySpec
+from gradwatch.aggregator.service.command_store import CommandStore
+from gradwatch.aggregator.service.policy import Policy
+
+
+class RecentNorms:
+    """Answers the policy's quantile query like Prometheus would, and records it."""
+
+    def __init__(self, value: float) -> None:
+        self.value, self.queries = value, []
+
+    def query(self, promql: str, at: float) -> list[Sample]:
+        self.queries.append(promql)
+        return [Sample((("job", "j"),), self.value)]
+
+
+def fired(rule: str, job: str = "j", layer: str = "fc1") -> Transition:
+    return Transition(Alert(rule, {"job": job, "layer": layer, "alertname": rule}, {}, 1.0, FIRING, 0.0), "pending", FIRING)
+
+
+def kinds(store: CommandStore, job: str = "j") -> list[tuple[str, float]]:
+    return [(c.spec.kind, getattr(c.spec, "max_norm", getattr(c.spec, "factor", 0))) for c in store.commands(job)]
+
+
+def test_policy_defaults_floor_rate_limit_and_dry_run(tmp_path: Path):
+    store = CommandStore(tmp_path / "s.db")
+    norms = RecentNorms(123.0)
+    policy = Policy(PolicySpec(), store, norms)
+    policy.react([fired("vanishing_gradient")], now=1000)
+    assert kinds(store) == []  # page only
+    policy.react([fired("exploding_gradient"), fired("exploding_gradient", layer="fc2")], now=1000)
+    assert kinds(store) == [("set_clip_norm", 123.0)]  # one command per job per round
+    assert 'quantile_over_time(0.5, gradwatch_grad_norm{job="j"}[600s])' in norms.queries[0]
+    policy.react([fired("exploding_gradient")], now=1100)  # again within the window: lower the LR, no looser clip
+    assert kinds(store) == [("set_clip_norm", 123.0), ("scale_lr", 0.5)]
+    for t in (1200, 1300, 1400):
+        policy.react([fired("nan_gradient")], now=t)
+    # 0.5 * 0.5 * 0.5 = 0.125, a fourth halving would cross the 0.1 floor
+    assert [k for k in kinds(store) if k[0] == "scale_lr"] == [("scale_lr", 0.5)] * 3
+    events = [e["event"] for e in store.audit_log("j")]
+    assert "policy_declined" in events and events.count("policy") == 4
+
+    limited = Policy(PolicySpec(max_commands=1), store, norms)
+    limited.react([fired("nan_gradient", job="k")], now=1000)
+    limited.react([fired("nan_gradient", job="k")], now=1001)
+    assert len(store.commands("k")) == 1
+
+    dry = Policy(PolicySpec(dry_run=True), store, norms)
+    dry.react([fired("exploding_gradient", job="d")], now=1000)
+    assert store.commands("d") == [] and store.audit_log("d")[0]["event"] == "policy_dry_run"
+
+
+def test_signal_validates_before_sending():
+    proc = subprocess.run([sys.executable, "-m", "gradwatch.aggregator.cli", "signal", "--job", "j", "scale-lr", "2"],
+                          capture_output=True, text=True, timeout=60, env={"GRADWATCH_AGGREGATOR_TOKEN": "t", "PATH": ""})
+    assert proc.returncode == 2 and "factor" in proc.stderr and "less than or equal to 1" in proc.stderr
