@@ -54,6 +54,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gradwatch.agent")
 
+def _scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):  # capturable/fused optimizers: keep it a tensor
+            group["lr"].mul_(factor)
+        else:
+            group["lr"] = group["lr"] * factor
+
+
 HALT_EXIT_CODE = 86  # a `halt` command's exit: distinct from crashes (1) and signals (128+n)
 
 Listener = Callable[[StepStats], None]
@@ -104,7 +112,7 @@ class HealthAgent:
         c = self.config
         self.guard = Guard(c.guard_alpha, c.guard_z_threshold, c.guard_warmup_steps, c.guard_max_norm) if c.mode == "guard" else None
         self._clip_norm: Optional[float] = None  # set_clip_norm in force (identical on every rank)
-        self._lr_base: Optional[list[float]] = None  # learning rates before the first scale_lr
+        self._lr_factor = 1.0  # product of scale_lr factors in force (reset divides it back out)
         self._skip_left = 0  # skip_steps still to skip
         self._incoming: list[float] = [0.0, 0.0, 0.0]  # [seq, kind code, value] reduced this step
         self._sent: dict[int, Any] = {}  # rank 0: seq -> Command it put on the wire
@@ -190,7 +198,8 @@ class HealthAgent:
         if optimizer is None:
             raise TypeError("HealthAgent.step needs the optimizer (pass it here or to HealthAgent(...))")
         step = self._step
-        if self._enabled["stats"] and self._measured(step):
+        measured = self._enabled["stats"] and self._measured(step)
+        if measured:
             self._measure(step, optimizer, loss, scaler)
         self._apply_command(step, optimizer)
         decision = self._decide(step)
@@ -206,7 +215,7 @@ class HealthAgent:
         self.state.steps_total = self._step
         if self._acts is not None and self._enabled["stats"]:
             acts = self._acts
-            if not self._guarded("activations", lambda: acts.begin_step(self._activation_due(self._step), reset_sentinel=self._measured(step))):
+            if not self._guarded("activations", lambda: acts.begin_step(self._activation_due(self._step), reset_sentinel=measured)):
                 acts.failed = RuntimeError("begin_step failed")  # reported in the next all-reduce
         self._last_step_end = time.perf_counter()
         return result
@@ -253,7 +262,8 @@ class HealthAgent:
             if decision.clip_to is not None:
                 self.state.clipped_steps_total += 1
         if decision.skip and self.rank == 0:
-            log.warning("gradwatch: guard skipped step %d (non-finite gradients or loss); parameters unchanged", step)
+            why = "non-finite gradients or loss" if decision.reason == "nonfinite" else "skip_steps command"
+            log.warning("gradwatch: skipped step %d on every rank (%s); parameters unchanged", step, why)
         return decision
 
     def _decide_measured(self, step: int) -> Decision:
@@ -282,23 +292,19 @@ class HealthAgent:
             if kind == "set_clip_norm":
                 self._clip_norm = value
             elif kind == "scale_lr":
-                if self._lr_base is None:
-                    self._lr_base = [float(g["lr"]) for g in optimizer.param_groups]
-                for group in optimizer.param_groups:
-                    group["lr"] = float(group["lr"]) * value
+                _scale_lr(optimizer, value)
+                self._lr_factor *= value
             elif kind == "skip_steps":
                 self._skip_left = int(value)
-            elif kind == "reset":
-                if self._lr_base is not None:
-                    for group, lr in zip(optimizer.param_groups, self._lr_base):
-                        group["lr"] = lr
-                self._clip_norm, self._lr_base, self._skip_left = None, None, 0
+            elif kind == "reset":  # divide out rather than restore: a scheduler may have moved the LR since
+                _scale_lr(optimizer, 1.0 / self._lr_factor)
+                self._clip_norm, self._lr_factor, self._skip_left = None, 1.0, 0
         except Exception as exc:  # the same on every rank: report, never kill the run
-            outcome, detail = "rejected", repr(exc)
+            outcome, detail = "rejected", repr(exc)[:400]
         if self.rank == 0:
             log.warning("gradwatch: command %s(%g) %s at step %d on every rank", kind, value, outcome, step)
             if cmd is not None and self._remote is not None:
-                self._remote.ack(cmd.id, step, outcome, detail)
+                self._guarded("export", lambda: self._remote.ack(cmd.id, step, outcome, detail))
         if kind == "halt" and outcome == "applied":
             self._halt(step, cmd.spec.reason if cmd is not None else "")
 
@@ -306,6 +312,9 @@ class HealthAgent:
         """Every rank, the same step: the user's checkpoint callback, then a clean exit (HALT_EXIT_CODE)."""
         if self.rank == 0:
             log.error("gradwatch: halting at step %d on every rank: %s", step, reason)
+        if self._remote is not None:  # the ack first: the callback may take long, and a relaunch must not halt again
+            self._guarded("export", self._remote.close)
+            self._remote = None
         if self._on_halt is not None:
             try:
                 self._on_halt(step)
@@ -334,8 +343,8 @@ class HealthAgent:
         return step >= 1 and self._update_snapshot_due(step - 1)
 
     def _measured(self, step: int) -> bool:
-        if self.guard is not None or self._clip_norm is not None:
-            return True  # a skip or clip decision needs every step's all-reduced norm
+        if self.guard is not None or self._clip_norm is not None or self._skip_left > 0:
+            return True  # skip/clip decisions need every step's reduced norm (and GradScaler its unscale_)
         return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step)
 
     # ---- measuring ----------------------------------------------------------------------------

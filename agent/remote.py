@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Optional
 
@@ -24,7 +25,7 @@ class CommandClient:
         self.base, self.job, self.poll_s, self.timeout_s = url.rstrip("/"), job, poll_s, timeout_s
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._lock = threading.Lock()
-        self._inbox: "collections.deque[Command]" = collections.deque()
+        self._inbox: "collections.deque[tuple[Command, float]]" = collections.deque()  # (command, monotonic deadline)
         self._acks: "collections.deque[tuple[str, Ack]]" = collections.deque()
         self._seen: set[str] = set()
         self._down = False
@@ -36,11 +37,13 @@ class CommandClient:
     # ---- training thread -------------------------------------------------------------------------
 
     def take(self) -> Optional[Command]:
-        """The oldest command not yet handed out; expired ones are acknowledged as such and skipped."""
+        """The oldest command not yet handed out; expired ones are acknowledged as such and skipped.
+        Expiry is judged on this host's monotonic clock from the TTL left when the aggregator served
+        it, so clock skew between the hosts does not matter."""
         with self._lock:
             while self._inbox:
-                cmd = self._inbox.popleft()
-                if cmd.expires_at >= time.time():
+                cmd, deadline = self._inbox.popleft()
+                if time.monotonic() <= deadline:
                     return cmd
                 self._acks.append((cmd.id, Ack(step=0, outcome="expired", detail="expired before it could be applied")))
         return None
@@ -50,12 +53,13 @@ class CommandClient:
             self._acks.append((command_id, Ack(step=step, outcome=outcome, detail=detail)))  # type: ignore[arg-type]
 
     def close(self, timeout: float = 5.0) -> None:
-        """Deliver the acknowledgements still queued (bounded), then stop."""
-        deadline = time.time() + timeout
-        while self._acks and time.time() < deadline and self.reachable is not False:
-            self._send_acks()
+        """Stop polling, then deliver the acknowledgements still queued (bounded, one thread)."""
         self._stop.set()
-        self._thread.join(timeout=1)
+        self._thread.join(timeout=self.timeout_s + 1)
+        deadline = time.monotonic() + timeout
+        while self._acks and time.monotonic() < deadline:
+            if not self._send_acks():
+                time.sleep(0.2)
 
     # ---- background thread -----------------------------------------------------------------------
 
@@ -69,35 +73,53 @@ class CommandClient:
         while not self._stop.is_set():
             self._send_acks()
             try:
-                answer = self._request("GET", f"/api/v1/jobs/{self.job}/commands")
-                fresh = [Command.model_validate(c) for c in answer.get("commands", [])]
-                with self._lock:
-                    for cmd in fresh:
-                        if cmd.id not in self._seen:  # a replay of an id is never applied twice
-                            self._seen.add(cmd.id)
-                            self._inbox.append(cmd)
+                answer = self._request("GET", f"/api/v1/jobs/{urllib.parse.quote(self.job, safe='')}/commands")
+                served_at, received = float(answer.get("now", time.time())), time.monotonic()
+                for raw in answer.get("commands", []):
+                    self._receive(raw, served_at, received)
                 self._up()
             except Exception as exc:  # unreachable, 401, garbage: report once, keep training
                 self._failed(exc)
             self._stop.wait(self.poll_s)
 
-    def _send_acks(self) -> None:
+    def _receive(self, raw: dict, served_at: float, received: float) -> None:
+        """One served command, validated on its own: a malformed one is acknowledged as rejected
+        instead of blocking the ones after it."""
+        command_id = str(raw.get("id", ""))
+        if not command_id or command_id in self._seen:  # a replay of an id is never applied twice
+            return
+        self._seen.add(command_id)
+        try:
+            cmd = Command.model_validate(raw)
+        except Exception as exc:
+            with self._lock:
+                self._acks.append((command_id, Ack(step=0, outcome="rejected", detail=f"invalid command: {exc!r}"[:400])))
+            return
+        with self._lock:
+            self._inbox.append((cmd, received + (cmd.expires_at - served_at)))
+
+    def _send_acks(self) -> bool:
+        """Post queued acks in order; False if one could not be delivered (it stays queued)."""
         while True:
             with self._lock:
                 if not self._acks:
-                    return
-                command_id, ack = self._acks[0]
+                    return True
+                command_id, ack = self._acks.popleft()
             try:
                 self._request("POST", f"/api/v1/commands/{command_id}/ack", ack.model_dump())
             except urllib.error.HTTPError as exc:
-                if exc.code != 404:  # 404: the aggregator forgot it; nothing to retry
-                    self._failed(exc)
-                    return
+                if exc.code == 404:  # the aggregator does not know it: nothing to retry
+                    continue
+                self._requeue(command_id, ack, exc)
+                return False
             except Exception as exc:
-                self._failed(exc)
-                return
-            with self._lock:
-                self._acks.popleft()
+                self._requeue(command_id, ack, exc)
+                return False
+
+    def _requeue(self, command_id: str, ack: Ack, exc: BaseException) -> None:
+        with self._lock:
+            self._acks.appendleft((command_id, ack))
+        self._failed(exc)
 
     def _failed(self, exc: BaseException) -> None:
         self.reachable = False

@@ -72,7 +72,7 @@ def _signal(args: argparse.Namespace) -> int:
     if not token:
         print("gradwatch: set GRADWATCH_AGGREGATOR_TOKEN to the aggregator's token", file=sys.stderr)
         return 2
-    url = args.aggregator_url.rstrip("/") + f"/api/v1/jobs/{args.job}/commands"
+    url = args.aggregator_url.rstrip("/") + f"/api/v1/jobs/{args.job}/commands"  # a "/" in a job name is fine: {job:path}
     try:
         response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
     except httpx.HTTPError as exc:

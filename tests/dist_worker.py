@@ -331,8 +331,8 @@ def _digest(tensors) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for t in tensors:
-        h.update(_full(t.detach()).float().contiguous().numpy().tobytes())
+    for t in tensors:  # repr of each float64 is exact (round-trips); no numpy in the test venv
+        h.update(repr(_full(t.detach()).double().flatten().tolist()).encode())
     return h.hexdigest()
 
 
@@ -397,6 +397,8 @@ def commands(p: dict) -> dict:
         opt.zero_grad()
         history.append(dict(step=step, lr=opt.param_groups[0]["lr"], clip=agent._clip_norm,
                             skipped=agent.state.skipped_steps_total["command"], clipped=agent.state.clipped_steps_total))
+        if step == 3:  # tells the test training is under way (start-up time varies with load)
+            (Path(p["out"]) / f"training-rank{RANK}").write_text("")
         time.sleep(max(0.0, p["seconds_per_step"] - (time.time() - started)))
     agent.close()
     return dict(history=history, final=_digest(model.parameters()), step_seconds=step_seconds)

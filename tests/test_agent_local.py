@@ -367,3 +367,27 @@ def test_amp_overflow_gradients_do_not_count_as_rank_nonfinite():
     assert rank_nonfinite({"amp_overflow": True}, loss_bad=False) == 0
     assert rank_nonfinite({}, loss_bad=False) == 1
     assert rank_nonfinite({"amp_overflow": True}, loss_bad=True) == 1
+
+
+def test_skip_steps_with_a_grad_scaler_on_unmeasured_steps():
+    """A skip on a step that would not be measured must still unscale, or scaler.update() raises;
+    the skipped steps leave the parameters as they were."""
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    agent = HealthAgent(model, opt, job="amp-skip", metrics_port=None, stats_every=4, activation_every=0)
+    snapshots = []
+    for step in range(6):
+        if step == 1:
+            agent._skip_left = 3  # what a skip_steps(3) command sets on every rank
+        loss = model(torch.randn(8, 12)).pow(2).mean()
+        scaler.scale(loss).backward()
+        agent.step(opt, loss=loss, scaler=scaler)
+        scaler.update()  # raised "No inf checks were recorded" before the fix
+        opt.zero_grad()
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+    same = [all(torch.equal(a, b) for a, b in zip(snapshots[i - 1], snapshots[i])) for i in range(1, 6)]
+    assert same == [True, True, True, False, False]  # steps 1-3 skipped, 4-5 stepped
+    assert agent.state.skipped_steps_total["command"] == 3
+    agent.close()

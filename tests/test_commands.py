@@ -67,7 +67,7 @@ def changed_at(history: list[dict], key: str, start: int = 0) -> int:
 def test_each_command_applies_on_every_rank_at_the_acknowledged_step(tmp_path: Path, wrap: str):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    job = f"cmd-{wrap}"
+    job = f"team/cmd-{wrap}"  # a "/" in a job name works in every route
     state = tmp_path / "state.db"
     early = None
     agg = service(tmp_path, port, state)
@@ -83,7 +83,7 @@ def test_each_command_applies_on_every_rank_at_the_acknowledged_step(tmp_path: P
         with cf.ThreadPoolExecutor(1) as pool:
             run = pool.submit(launch, "commands", 2, tmp_path / "job", timeout=240, wrap=wrap, job=job, url=base,
                               token=TOKEN, steps=110, seconds_per_step=0.1, out=str(tmp_path))
-            time.sleep(5)  # let it train a while first, so every change is visible in the history
+            wait_for(lambda: (tmp_path / "training-rank0").exists(), 120, "training under way")  # changes visible in the history
             ids = {}
             for name, body in (("scale_lr", {"kind": "scale_lr", "factor": 0.5, "reason": "test"}),
                                ("set_clip_norm", {"kind": "set_clip_norm", "max_norm": 1e-3}),
@@ -132,7 +132,11 @@ def test_training_never_waits_on_the_aggregator_and_nothing_is_applied_twice(tmp
             again = acked(base, submit(base, "outage", {"kind": "scale_lr", "factor": 0.5}))
             repeat = call(f"{base}/api/v1/commands/{applied['id']}/ack", "POST", {"step": 1})  # a replayed ack
             assert repeat[0] == 200 and repeat[1]["acked_step"] == applied["acked_step"]
-        ranks = run.result()
+            ranks = run.result()
+            # the job relaunched (as torchrun would after a failure): nothing already applied comes back
+            relaunched = launch("commands", 2, tmp_path / "again", timeout=240, wrap="ddp", job="outage", url=base,
+                                token=TOKEN, steps=30, seconds_per_step=0.1, out=str(tmp_path))
+        assert {x["lr"] for x in relaunched[0]["history"]} == {0.1}
     h = ranks[0]["history"]
     lrs = [x["lr"] for x in h]
     assert lrs[applied["acked_step"] - 1] == 0.1 and lrs[applied["acked_step"]] == 0.05

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from gradwatch.aggregator.commands import Ack
 from gradwatch.aggregator.evaluate.alerts import FIRING, Alert, Transition
 from gradwatch.aggregator.evaluate.interpreter import Sample
 from gradwatch.aggregator.rules.specs import PolicySpec
@@ -39,27 +41,39 @@ def test_policy_defaults_floor_rate_limit_and_dry_run(tmp_path: Path):
     store = CommandStore(tmp_path / "s.db")
     norms = RecentNorms(123.0)
     policy = Policy(PolicySpec(), store, norms)
-    policy.react([fired("vanishing_gradient")], now=1000)
+    now = time.time()
+    policy.react([fired("vanishing_gradient")], now)
     assert kinds(store) == []  # page only
-    policy.react([fired("exploding_gradient"), fired("exploding_gradient", layer="fc2")], now=1000)
+    policy.react([fired("exploding_gradient"), fired("exploding_gradient", layer="fc2")], now)
     assert kinds(store) == [("set_clip_norm", 123.0)]  # one command per job per round
     assert 'quantile_over_time(0.5, gradwatch_grad_norm{job="j"}[600s])' in norms.queries[0]
-    policy.react([fired("exploding_gradient")], now=1100)  # again within the window: lower the LR, no looser clip
+    policy.react([fired("exploding_gradient", layer="fc3")], now + 1)  # same incident, clip not applied yet
+    assert kinds(store) == [("set_clip_norm", 123.0)]
+    store.acknowledge(store.commands("j")[0].id, Ack(step=7))
+    # fires again after the clip was applied, together with NaN: one LR cut, no looser clip
+    policy.react([fired("exploding_gradient"), fired("nan_gradient")], now + 2)
     assert kinds(store) == [("set_clip_norm", 123.0), ("scale_lr", 0.5)]
-    for t in (1200, 1300, 1400):
-        policy.react([fired("nan_gradient")], now=t)
+    for t in (3, 4, 5):
+        policy.react([fired("nan_gradient")], now + t)
     # 0.5 * 0.5 * 0.5 = 0.125, a fourth halving would cross the 0.1 floor
     assert [k for k in kinds(store) if k[0] == "scale_lr"] == [("scale_lr", 0.5)] * 3
     events = [e["event"] for e in store.audit_log("j")]
     assert "policy_declined" in events and events.count("policy") == 4
 
+    short = Policy(PolicySpec(repeat_window=1), store, RecentNorms(1.0))
+    short.react([fired("exploding_gradient", job="w")], time.time())
+    store.acknowledge(store.commands("w")[0].id, Ack(step=1))
+    time.sleep(1.2)
+    short.react([fired("exploding_gradient", job="w")], time.time())  # outside the window: no LR cut
+    assert [k for k, _ in kinds(store, "w")] == ["set_clip_norm"]
+
     limited = Policy(PolicySpec(max_commands=1), store, norms)
-    limited.react([fired("nan_gradient", job="k")], now=1000)
-    limited.react([fired("nan_gradient", job="k")], now=1001)
+    limited.react([fired("nan_gradient", job="k")], time.time())
+    limited.react([fired("nan_gradient", job="k")], time.time())
     assert len(store.commands("k")) == 1
 
     dry = Policy(PolicySpec(dry_run=True), store, norms)
-    dry.react([fired("exploding_gradient", job="d")], now=1000)
+    dry.react([fired("exploding_gradient", job="d")], time.time())
     assert store.commands("d") == [] and store.audit_log("d")[0]["event"] == "policy_dry_run"
 
 

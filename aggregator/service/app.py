@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
@@ -98,15 +99,17 @@ def create_app(settings: AggregatorSettings, ruleset: RuleSet) -> FastAPI:
             by_job.setdefault(alert.job, []).append(_alert_json(alert))
         return {"jobs": by_job}
 
-    @app.post("/api/v1/jobs/{job}/commands", status_code=201, dependencies=[Depends(authorized)])
+    @app.post("/api/v1/jobs/{job:path}/commands", status_code=201, dependencies=[Depends(authorized)])
     def submit(job: str, spec: CommandSpec) -> Command:
         """Queue a command for every rank of `job` (an operator's; the policy uses the store directly)."""
         return commands.submit(job, spec, "operator")
 
-    @app.get("/api/v1/jobs/{job}/commands", dependencies=[Depends(authorized)])
+    @app.get("/api/v1/jobs/{job:path}/commands", dependencies=[Depends(authorized)])
     def pending(job: str) -> dict[str, Any]:
-        """What the job's rank 0 polls: unacknowledged, unexpired commands, oldest first."""
-        return {"commands": [c.model_dump(mode="json") for c in commands.pending(job)]}
+        """What the job's rank 0 polls: unacknowledged, unexpired commands, oldest first, with this
+        server's time so the agent can judge the TTL left without trusting its own clock."""
+        now = time.time()
+        return {"now": now, "commands": [c.model_dump(mode="json") for c in commands.pending(job, now)]}
 
     @app.post("/api/v1/commands/{command_id}/ack", dependencies=[Depends(authorized)])
     def ack(command_id: str, body: Ack) -> Command:

@@ -75,6 +75,12 @@ class CommandStore:
     def acknowledge(self, command_id: str, ack: Ack) -> Optional[Command]:
         """Record the outcome once; a repeated ack changes nothing (returns the stored command)."""
         cmd = self.get(command_id)
+        if cmd is not None and cmd.state == "expired" and ack.outcome == "applied" and cmd.acked_step is None:
+            # it expired here while already on its way: it did run, on every rank; say so
+            cmd = cmd.model_copy(update={"state": "acked", "acked_step": ack.step, "outcome": "applied after expiry"})
+            self._save(cmd)
+            self.audit(cmd.job, "applied", {"step": ack.step, "kind": cmd.spec.kind, "detail": "after it expired here"}, cmd.id)
+            return cmd
         if cmd is None or cmd.state != "pending":
             return cmd
         state = {"applied": "acked", "expired": "expired", "rejected": "rejected"}[ack.outcome]

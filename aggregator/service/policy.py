@@ -33,17 +33,19 @@ class Policy:
         for job, rules in fired.items():
             if not job:
                 continue
+            lower_lr = None
             if "exploding_gradient" in rules:
-                repeated = self._recent(job, "set_clip_norm", now)
+                if self._clip_applied_recently(job, now):  # the applied clip did not stop it
+                    lower_lr = f"exploding_gradient fired again within {self.spec.repeat_window} s of an applied clip"
                 self._clip(job, now)
-                if repeated:
-                    self._scale_lr(job, now, "exploding_gradient fired again within " + f"{self.spec.repeat_window} s")
             if "nan_gradient" in rules:
-                self._scale_lr(job, now, "nan_gradient fired")
+                lower_lr = "nan_gradient fired"
+            if lower_lr is not None:  # at most one LR cut per job per round
+                self._scale_lr(job, now, lower_lr)
 
-    def _recent(self, job: str, kind: str, now: float) -> bool:
-        return any(c.source == "policy" and c.spec.kind == kind and c.created_at >= now - self.spec.repeat_window
-                   for c in self.commands.commands(job))
+    def _clip_applied_recently(self, job: str, now: float) -> bool:
+        return any(c.source == "policy" and c.spec.kind == "set_clip_norm" and c.state == "acked"
+                   and c.created_at >= now - self.spec.repeat_window for c in self.commands.commands(job))
 
     def _clip(self, job: str, now: float) -> None:
         query = f'quantile_over_time({self.spec.clip_quantile}, gradwatch_grad_norm{{job="{job}"}}[{self.spec.clip_window}s])'
