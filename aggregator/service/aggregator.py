@@ -146,7 +146,7 @@ class Aggregator:
 
     def active(self, job: Optional[str] = None) -> list[Alert]:
         with self.lock:
-            return [a for a in self.tracker.active(job)]
+            return self.tracker.active(job)
 
     def _persist(self) -> None:
         with self.lock:

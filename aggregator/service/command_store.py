@@ -5,7 +5,6 @@ a restarted aggregator nor a restarted rank applies it twice."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 import uuid
@@ -15,6 +14,7 @@ from typing import Optional
 from pydantic import TypeAdapter
 
 from ..commands import Ack, Command, CommandSpec
+from .store import connect
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, job TEXT NOT NULL, state TEXT NOT NULL, body TEXT NOT NULL)",
@@ -27,11 +27,7 @@ _SPEC = TypeAdapter(CommandSpec)
 
 class CommandStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        for statement in SCHEMA:
-            self._db.execute(statement)
+        self._db = connect(path, *SCHEMA)
         self._lock = threading.Lock()
 
     def audit(self, job: str, event: str, detail: dict, command: Optional[str] = None) -> None:

@@ -57,28 +57,28 @@ class Policy:
         if not values:
             self.commands.audit(job, "policy_declined", {"alert": "exploding_gradient", "why": "no finite recent gradient norm"})
             return
-        in_force = self._clip_in_force(job)
-        if in_force is not None and in_force <= min(values):
-            self.commands.audit(job, "policy_declined", {"alert": "exploding_gradient", "why": f"already clipped at {in_force:g}"})
+        clip, _ = self._in_force(job)
+        if clip is not None and clip <= min(values):
+            self.commands.audit(job, "policy_declined", {"alert": "exploding_gradient", "why": f"already clipped at {clip:g}"})
             return
         self._issue(job, SetClipNorm(max_norm=min(values), reason=f"exploding_gradient: clip to the p{self.spec.clip_quantile * 100:g} of recent norms"), "exploding_gradient", now)
 
-    def _clip_in_force(self, job: str) -> Optional[float]:
-        clip = None
+    def _in_force(self, job: str) -> tuple[Optional[float], float]:
+        """(clip norm, LR factor) the job's pending and applied commands add up to, replayed the way
+        the agent applies them: an applied reset clears both."""
+        clip, factor = None, 1.0
         for c in self.commands.commands(job):
             if c.spec.kind == "reset" and c.state == "acked":
-                clip = None
-            elif c.spec.kind == "set_clip_norm" and c.state in ("pending", "acked"):
-                clip = c.spec.max_norm  # type: ignore[union-attr]
-        return clip
+                clip, factor = None, 1.0
+            elif c.state in ("pending", "acked"):
+                if c.spec.kind == "set_clip_norm":
+                    clip = c.spec.max_norm  # type: ignore[union-attr]
+                elif c.spec.kind == "scale_lr":
+                    factor *= c.spec.factor  # type: ignore[union-attr]
+        return clip, factor
 
     def _scale_lr(self, job: str, now: float, why: str) -> None:
-        in_force = 1.0
-        for c in self.commands.commands(job):
-            if c.spec.kind == "reset" and c.state == "acked":
-                in_force = 1.0
-            elif c.spec.kind == "scale_lr" and c.state in ("pending", "acked"):
-                in_force *= c.spec.factor  # type: ignore[union-attr]
+        _, in_force = self._in_force(job)
         if in_force * self.spec.lr_factor < self.spec.min_lr_fraction:
             self.commands.audit(job, "policy_declined", {"why": f"learning rate already at {in_force:g}x; floor {self.spec.min_lr_fraction:g}x", "alert": why})
             return

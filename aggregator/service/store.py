@@ -21,12 +21,20 @@ CREATE TABLE IF NOT EXISTS alerts (
 """
 
 
+def connect(path: Path, *schema: str) -> sqlite3.Connection:
+    """The state file, shared by the alert and command stores: autocommit (explicit transactions
+    where needed), WAL so the API's reads never block the evaluation loop's writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    for statement in schema:
+        db.execute(statement)
+    return db
+
+
 class AlertStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(SCHEMA)
+        self._db = connect(path, SCHEMA)
         self._lock = threading.Lock()
 
     def load(self) -> list[Alert]:
