@@ -7,7 +7,7 @@
 """
 
 from .config import AgentConfig
-from .health_agent import HealthAgent
+from .health_agent import AppliedCommand, HealthAgent, attached_agent
 from .stats import ActivationStats, NanOrigin, RankStats, StepStats
 
-__all__ = ["AgentConfig", "HealthAgent", "StepStats", "RankStats", "ActivationStats", "NanOrigin"]
+__all__ = ["AgentConfig", "HealthAgent", "AppliedCommand", "attached_agent", "StepStats", "RankStats", "ActivationStats", "NanOrigin"]

@@ -5,7 +5,8 @@ swaps a reference, a scrape never waits on training, and a layer that disappears
 with it. Series per job (an upper bound, reached once a loss, an eval loss and an update ratio
 have been seen; see docs/metrics.md):
 
-    5 * L  +  6 * A  +  3 * R  +  G  +  20  (+1 once a NaN origin is known, +1 in mode guard)
+    5 * L  +  6 * A  +  3 * R  +  G  +  20  (+1 once a NaN origin is known, +1 in mode guard,
+                                              +1 per command kind applied, at most 5)
 
 L = reported layers (<= max_layers), A = hooked activation modules (<= max_activation_modules),
 R = ranks, G = optimizer param groups. Only the 3 per-rank series carry a `rank` label.
@@ -54,6 +55,7 @@ class AgentState:
         self.last_step_time: Optional[float] = None
         self.guard_bound: Optional[float] = None  # mode "guard": the adaptive clip bound in force
         self.clipped_steps_total = 0  # by the guard or a set_clip_norm command
+        self.commands_applied_total: dict[str, int] = {}  # by command kind; a kind appears once applied
 
     def record(self, stats: StepStats) -> None:
         with self.lock:
@@ -89,6 +91,7 @@ class StatsCollector:
             errors = dict(s.errors_total)
             skipped = dict(s.skipped_steps_total)
             clipped, bound = s.clipped_steps_total, s.guard_bound
+            applied = dict(s.commands_applied_total)
             last_time = s.last_step_time
         job = s.job
 
@@ -115,6 +118,11 @@ class StatsCollector:
         c = CounterMetricFamily("gradwatch_clipped_steps", "Steps whose gradients were clipped (the guard or a set_clip_norm command).", labels=["job"])
         c.add_metric([job], clipped)
         yield c
+        if applied:
+            c = CounterMetricFamily("gradwatch_commands_applied", "Remediation commands applied on every rank, by kind.", labels=["job", "kind"])
+            for kind, count in sorted(applied.items()):
+                c.add_metric([job, kind], count)
+            yield c
         if bound is not None:
             g = _gauge("gradwatch_guard_clip_bound", "The guard's adaptive bound on the global gradient norm (EMA mean + z * std).", ["job"])
             g.add_metric([job], bound)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
@@ -60,6 +62,33 @@ def _scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
             group["lr"].mul_(factor)
         else:
             group["lr"] = group["lr"] * factor
+
+
+@dataclass(frozen=True)
+class AppliedCommand:
+    """A remediation command as this rank took it (every rank holds the same list)."""
+
+    step: int
+    kind: str
+    value: float
+    outcome: str  # "applied" | "rejected"
+
+
+_ATTACHED: "weakref.WeakKeyDictionary[Any, HealthAgent]" = weakref.WeakKeyDictionary()
+
+
+def attached_agent(obj: Any) -> Optional["HealthAgent"]:
+    """The agent already attached to this model or optimizer (its DDP/FSDP wrapper or inner module
+    count too), or None: how adapters and `gradwatch run --auto-attach` avoid instrumenting twice."""
+    for candidate in (obj, getattr(obj, "module", None)):
+        if candidate is not None:
+            try:
+                agent = _ATTACHED.get(candidate)
+            except TypeError:  # not weak-referenceable
+                agent = None
+            if agent is not None:
+                return agent
+    return None
 
 
 HALT_EXIT_CODE = 86  # a `halt` command's exit: distinct from crashes (1) and signals (128+n)
@@ -117,10 +146,15 @@ class HealthAgent:
         self._incoming: list[float] = [0.0, 0.0, 0.0]  # [seq, kind code, value] reduced this step
         self._sent: dict[int, Any] = {}  # rank 0: seq -> Command it put on the wire
         self._on_halt = on_halt
+        self.commands_applied: list[AppliedCommand] = []  # every command taken from the wire, in order
+        self._in_step = False  # re-entrancy: scaler.step() calls a wrapped optimizer's step
         self._warned: set[str] = set()
         self._listeners: list[Listener] = []
         self._last_step_end = time.perf_counter()
 
+        for obj in (model, getattr(model, "module", None), optimizer):
+            if obj is not None:
+                _ATTACHED[obj] = self
         plan = build_layer_plan(model, self.config.layer_depth, self.config.max_layers)
         self.layers = plan.names
         self._grads = GradStats(plan, self.topology.device, self.topology.sharded)
@@ -182,6 +216,33 @@ class HealthAgent:
         self.add_listener(watcher)
         return watcher
 
+    def wrap(self, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.optim.Optimizer:
+        """Route `optimizer.step(closure)` itself through the agent, for training loops the user does
+        not write (Lightning, the HF Trainer, `gradwatch run --auto-attach`). The closure, if any, runs
+        first (forward and backward, as `torch.optim` does); its return value is the step's loss. The
+        call then measures, guards and steps exactly like `agent.step`. Idempotent."""
+        optimizer = optimizer or self.optimizer
+        if optimizer is None:
+            raise TypeError("HealthAgent.wrap needs the optimizer (pass it here or to HealthAgent(...))")
+        if getattr(optimizer, "_gradwatch_original_step", None) is not None:
+            return optimizer
+        original = optimizer.step
+
+        def step(closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+            if self._in_step:  # GradScaler.step -> optimizer.step inside agent.step: the real step
+                return original(closure, **kwargs) if closure is not None else original(**kwargs)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            result = self.step(optimizer, loss=loss if isinstance(loss, (torch.Tensor, float, int)) else None)
+            return loss if closure is not None else result
+
+        optimizer._gradwatch_original_step = original  # type: ignore[attr-defined]
+        optimizer.step = step  # type: ignore[method-assign]
+        _ATTACHED[optimizer] = self
+        return optimizer
+
     def step(
         self,
         optimizer: Optional[torch.optim.Optimizer] = None,
@@ -210,7 +271,12 @@ class HealthAgent:
         if decision.skip:  # parameters and optimizer state (moments, step counts) untouched
             result = None
         else:
-            result = scaler.step(optimizer) if scaler is not None else optimizer.step()
+            self._in_step = True
+            try:
+                raw = getattr(optimizer, "_gradwatch_original_step", None) or optimizer.step
+                result = scaler.step(optimizer) if scaler is not None else raw()
+            finally:
+                self._in_step = False
         self._step += 1
         self.state.steps_total = self._step
         if self._acts is not None and self._enabled["stats"]:
@@ -301,6 +367,10 @@ class HealthAgent:
                 self._clip_norm, self._lr_factor, self._skip_left = None, 1.0, 0
         except Exception as exc:  # the same on every rank: report, never kill the run
             outcome, detail = "rejected", repr(exc)[:400]
+        if outcome == "applied":
+            with self.state.lock:
+                self.state.commands_applied_total[kind] = self.state.commands_applied_total.get(kind, 0) + 1
+        self.commands_applied.append(AppliedCommand(step, kind, value, outcome))
         if self.rank == 0:
             log.warning("gradwatch: command %s(%g) %s at step %d on every rank", kind, value, outcome, step)
             if cmd is not None and self._remote is not None:

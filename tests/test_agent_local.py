@@ -391,3 +391,50 @@ def test_skip_steps_with_a_grad_scaler_on_unmeasured_steps():
     assert same == [True, True, True, False, False]  # steps 1-3 skipped, 4-5 stepped
     assert agent.state.skipped_steps_total["command"] == 3
     agent.close()
+
+
+def test_wrapped_optimizer_step_runs_the_closure_measures_and_guards():
+    """`agent.wrap(opt)`: loops the user does not write (Lightning, HF, auto-attach) call
+    `optimizer.step(closure)`; the step is measured with the closure's loss, and guarded."""
+    from gradwatch.agent import attached_agent
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = HealthAgent(model, opt, metrics_port=None, mode="guard", activation_every=0)
+    assert agent.wrap() is opt and agent.wrap(opt) is opt  # idempotent
+    assert attached_agent(model) is agent and attached_agent(opt) is agent
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert agent.step_count == 1
+    assert agent.last_stats.loss_mean == pytest.approx(float(loss.detach()))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()  # no closure: the gradients already there; non-finite, so the guard skips it
+    assert agent.step_count == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    agent.close()
+
+
+def test_wrapped_optimizer_under_a_grad_scaler_steps_once():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = HealthAgent(model, opt, metrics_port=None, activation_every=0)
+    agent.wrap()
+    calls = []
+    opt.register_step_post_hook(lambda *a: calls.append(1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    scaler.scale(model(torch.randn(8, 4)).pow(2).mean()).backward()
+    agent.step(opt, scaler=scaler)  # scaler.step calls the wrapped step: it must not recurse
+    scaler.update()
+    assert calls == [1] and agent.step_count == 1
+    agent.close()

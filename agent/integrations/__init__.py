@@ -1,0 +1,1 @@
+"""Thin adapters over the one agent core for launchers and frameworks (each framework optional)."""

@@ -1,0 +1,1 @@
+"""Grafana dashboards as code: built with grafana-foundation-sdk, exported to the committed JSON in json/."""
