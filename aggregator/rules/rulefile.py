@@ -1,8 +1,9 @@
-"""Prometheus rule-file output of the compiled rules (`gradwatch rules export`)."""
+"""Rule-file outputs of the compiled rules (`gradwatch rules export`): a plain Prometheus rule file,
+or the same groups wrapped in a Kubernetes PrometheusRule for the Prometheus Operator."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .compile import compile_rules
 from .promql import duration
@@ -26,7 +27,22 @@ def rule_groups(ruleset: RuleSet) -> dict[str, Any]:
     return {"groups": [{"name": ruleset.group, "interval": duration(ruleset.interval), "rules": rules}]}
 
 
-def export_text(ruleset: RuleSet) -> str:
+def prometheus_rule(ruleset: RuleSet, name: str = "gradwatch") -> dict[str, Any]:
+    """The Operator's CRD: its `spec` is exactly the rule file's body, so both outputs stay one source."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "gradwatch", "app.kubernetes.io/component": "rules"}},
+        "spec": rule_groups(ruleset),
+    }
+
+
+FORMATS: dict[str, Callable[[RuleSet], dict[str, Any]]] = {"rulefile": rule_groups, "prometheusrule": prometheus_rule}
+
+
+def export_text(ruleset: RuleSet, format: str = "rulefile") -> str:
     import yaml
 
-    return HEADER + yaml.safe_dump(rule_groups(ruleset), sort_keys=False, width=1000, allow_unicode=True)
+    if format not in FORMATS:
+        raise ValueError(f"unknown rule export format {format!r}: use one of {', '.join(FORMATS)}")
+    return HEADER + yaml.safe_dump(FORMATS[format](ruleset), sort_keys=False, width=1000, allow_unicode=True)
