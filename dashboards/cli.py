@@ -1,0 +1,70 @@
+"""`gradwatch dashboards export|push`. Only argparse at import: the aggregator's CLI registers this
+sub-command and must keep importing without the Grafana SDK or grafana-client installed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import JSON_DIR
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import export
+
+    if args.check:
+        stale = export.stale(args.output)
+        if stale:
+            print(f"gradwatch: dashboards in {args.output} are stale: {', '.join(stale)} "
+                  f"(run `gradwatch dashboards export -o {args.output}`)", file=sys.stderr)
+            return 1
+        print(f"{args.output}: up to date ({len(export.BUILDERS)} dashboards)")
+        return 0
+    for path in export.write(args.output):
+        print(path)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .push import PushError, load, push
+
+    if not args.token:
+        print("gradwatch: pass --token or set GRAFANA_TOKEN (a Grafana service-account token)", file=sys.stderr)
+        return 2
+    try:
+        for url in push(args.grafana_url, args.token, args.folder, load(args.dir)):
+            print(url)
+    except PushError as exc:
+        print(f"gradwatch: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _needs_extra(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A missing optional dependency becomes one line naming the extra to install."""
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except ImportError as exc:
+            print(f"gradwatch: {exc.name or exc} is not installed: pip install 'gradwatch[dashboards]'", file=sys.stderr)
+            return 2
+    return wrapped
+
+
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    default_dir = JSON_DIR
+    dash = sub.add_parser("dashboards", help="Grafana dashboards: export the JSON or push it to Grafana")
+    cmds = dash.add_subparsers(dest="dashboards_command", required=True)
+    export = cmds.add_parser("export", help="write the dashboards' JSON")
+    export.add_argument("-o", "--output", type=Path, default=default_dir, help=f"directory (default: {default_dir})")
+    export.add_argument("--check", action="store_true", help="write nothing; exit 1 if the JSON there is stale")
+    export.set_defaults(run=_needs_extra(_export))
+    push = cmds.add_parser("push", help="upload the dashboards to Grafana (HTTP API, overwrite by uid)")
+    push.add_argument("--grafana-url", required=True, help="e.g. http://grafana:3000")
+    push.add_argument("--token", default=os.environ.get("GRAFANA_TOKEN"), help="service-account token (default: $GRAFANA_TOKEN)")
+    push.add_argument("--folder", default="gradwatch", help="Grafana folder, created if missing (default: gradwatch)")
+    push.add_argument("--dir", type=Path, default=default_dir, help="dashboard JSON to upload (default: the packaged JSON)")
+    push.set_defaults(run=_needs_extra(_push))

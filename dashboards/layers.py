@@ -1,0 +1,46 @@
+"""Layers: where in the network gradients explode or vanish, and how fast each layer's weights move."""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import heatmap
+from grafana_foundation_sdk.models import heatmap as hm
+
+from .common import JOB, LAYER, dashboard, job_variable, latest, layer_variable, panel, query, series, thresholds
+
+UID = "gradwatch-layers"
+
+
+def build() -> db.Dashboard:
+    grad = f"gradwatch_layer_grad_norm{{{JOB}, {LAYER}}}"
+    # One row per layer, coloured by norm; exponential colour so a 1e3x spike does not hide the rest.
+    grad_heatmap = (
+        heatmap.Panel().calculate(False)
+        .color(heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME).scheme("Spectral")
+               .scale(hm.HeatmapColorScale.EXPONENTIAL).exponent(0.3).steps(64))
+        .y_axis(heatmap.YAxisConfig().unit("none")).cell_values(heatmap.CellValues().unit("short"))
+        .show_legend()
+    )
+    panels = [
+        panel(grad_heatmap, "Gradient norm per layer", "L2 norm of each layer's gradient (before clipping) over time.",
+              "short", [query(grad, "{{layer}}")], w=24, h=10),
+        series("Gradient norm", "Per layer, log scale.", "short", [query(grad, "{{layer}}")], log=True),
+        latest("Vanishing layers: gradient norm / largest layer's", "Red below 1%: the vanishing-gradient rule's "
+               "relative test (a healthy deep net keeps every layer within a few decades).", "percentunit",
+               [query(f"{grad} / on (job) group_left () max by (job) (gradwatch_layer_grad_norm{{{JOB}}})", "{{layer}}")],
+               limits=thresholds("red", (0.01, "green"))),
+        series("Weight norm", "L2 norm of each layer's weights entering the step.", "short",
+               [query(f"gradwatch_layer_weight_norm{{{JOB}, {LAYER}}}", "{{layer}}")]),
+        series("Update ratio ‖Δw‖/‖w‖", "Relative size of the latest sampled update; around 1e-3 is typical, "
+               "far below means the layer is frozen, far above that it is thrashing.", "percentunit",
+               [query(f"gradwatch_layer_update_ratio{{{JOB}, {LAYER}}}", "{{layer}}")], log=True),
+        series("Early/late gradient-norm ratio", "Norm of the first quarter of layers over the last quarter's; "
+               "below 0.01 the early layers are not learning.", "short",
+               [query(f"gradwatch_grad_norm_early_late_ratio{{{JOB}}}", "early / late")], log=True),
+        series("Largest |gradient| element", "+Inf when the layer's gradient holds a NaN/inf.", "short",
+               [query(f"gradwatch_layer_grad_max_abs{{{JOB}, {LAYER}}}", "{{layer}}")], log=True),
+        series("Non-finite gradients", "1 while the layer's gradient holds NaN/inf.", "none",
+               [query(f"gradwatch_layer_grad_nonfinite{{{JOB}, {LAYER}}}", "{{layer}}")], w=24, h=6, bars=True),
+    ]
+    return dashboard(UID, "gradwatch / Layers", "Per-layer gradient norms, weight norms and update ratios.",
+                     [job_variable(), layer_variable("gradwatch_layer_grad_norm")], panels)

@@ -1,0 +1,33 @@
+"""Ranks: the one rank whose loss, step time or NaNs differ - a bad data shard, a slow or faulty GPU.
+Each quantity is shown raw and relative to the median rank, where an outlier stands out at any scale."""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard as db
+
+from .common import JOB, RANK, dashboard, job_variable, latest, query, rank_variable, series, thresholds
+
+UID = "gradwatch-ranks"
+
+
+def _vs_median(metric: str) -> str:
+    return f"{metric}{{{JOB}, {RANK}}} / on (job) group_left () quantile by (job) (0.5, {metric}{{{JOB}}})"
+
+
+def build() -> db.Dashboard:
+    outlier = thresholds("green", (1.5, "orange"), (2, "red"))  # the rank-outlier rule flags 2x the median loss
+    panels = [
+        series("Loss per rank", "Each rank's local loss.", "short",
+               [query(f"gradwatch_rank_loss{{{JOB}, {RANK}}}", "rank {{rank}}")], log=True),
+        series("Loss / median rank's", "1 = typical; the rank-outlier alert fires at 2x (averaged over 5m).", "percentunit",
+               [query(_vs_median("gradwatch_rank_loss"), "rank {{rank}}")]),
+        series("Step time per rank", "Wall time between the rank's steps.", "s",
+               [query(f"gradwatch_rank_step_seconds{{{JOB}, {RANK}}}", "rank {{rank}}")]),
+        latest("Step time / median rank's", "Latest; a straggler slows every rank of a synchronous job.", "percentunit",
+               [query(_vs_median("gradwatch_rank_step_seconds"), "rank {{rank}}")], limits=outlier),
+        series("Non-finite items per rank", "NaN/inf items on the rank this step (loss, modules, gradient layers): "
+               "one rank alone points at its data shard or its device.", "none",
+               [query(f"gradwatch_rank_nonfinite{{{JOB}, {RANK}}}", "rank {{rank}}")], w=24, h=6, bars=True),
+    ]
+    return dashboard(UID, "gradwatch / Ranks", "Per-rank loss, step time and non-finite counts.",
+                     [job_variable(), rank_variable()], panels)
