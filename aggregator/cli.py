@@ -1,9 +1,14 @@
 """`gradwatch`: the command line.
 
-    gradwatch rules export [--rules FILE] [-o OUT]   Prometheus rule file from the specs
+    gradwatch rules export [--rules FILE] [-o OUT] [--format rulefile|prometheusrule]
+                                                     Prometheus rule file (or PrometheusRule) from the specs
     gradwatch rules check FILE                       validate a rules YAML file
     gradwatch aggregator [--rules FILE] [...]        run the aggregator service
     gradwatch signal --job NAME scale-lr 0.5 --reason "..."   send a command to a job's ranks
+    gradwatch dashboards export [-o DIR] [--check]   Grafana dashboard JSON (--check: fail if stale)
+    gradwatch dashboards push --grafana-url URL [--token T]   upload them to Grafana
+    gradwatch run [--job J] [--auto-attach] [...] -- torchrun ... train.py   train with the agent configured
+    gradwatch demo [--scenario exploding|vanishing|nan|dead-relu|healthy]   the main job: see docs/demo.md
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from typing import Optional, Sequence
 from pydantic import ValidationError
 
 from .rules import RuleFileError, export_text, load_rules
+from .rules.rulefile import FORMATS
 
 
 def _rules_export(args: argparse.Namespace) -> int:
-    text = export_text(load_rules(args.rules))
+    text = export_text(load_rules(args.rules), args.format)
     if args.output is None:
         sys.stdout.write(text)
     else:
@@ -86,6 +92,12 @@ def _signal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from gradwatch.agent.integrations.launch import run  # imports torch: only for this sub-command
+
+    return run(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradwatch", description="gradwatch: training-health rules and the aggregator service")
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +106,8 @@ def parser() -> argparse.ArgumentParser:
     export = rules.add_parser("export", help="write the Prometheus rule file")
     export.add_argument("--rules", type=Path, help="rules YAML overriding the defaults")
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    export.add_argument("--format", choices=sorted(FORMATS), default="rulefile",
+                        help="rulefile: Prometheus rule file; prometheusrule: Kubernetes PrometheusRule (Prometheus Operator)")
     export.set_defaults(run=_rules_export)
     check = rules.add_parser("check", help="validate a rules YAML file")
     check.add_argument("file", type=Path)
@@ -120,6 +134,26 @@ def parser() -> argparse.ArgumentParser:
     sig.add_argument("--ttl", type=int, default=600, help="seconds before an unapplied command is dropped")
     sig.add_argument("--aggregator-url", default=os.environ.get("GRADWATCH_AGGREGATOR_URL", "http://127.0.0.1:9095"))
     sig.set_defaults(run=_signal)
+
+    run = sub.add_parser("run", help="run a training command with the agent configured on every rank (GRADWATCH_* env)")
+    run.add_argument("--job", help="job name, the `job` label of every series")
+    run.add_argument("--aggregator", dest="aggregator_url", metavar="URL", help="take commands from it (token: GRADWATCH_AGGREGATOR_TOKEN)")
+    run.add_argument("--mode", choices=["observe", "guard", "off"])
+    run.add_argument("--metrics-port", dest="metrics_port", type=int, help="rank 0's metrics port (0: a free one)")
+    run.add_argument("--auto-attach", dest="auto_attach", action="store_true",
+                     help="instrument an unmodified script: its DDP/FSDP model and optimizer (docs/integrations.md)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
+    run.set_defaults(run=_run)
+
+    from gradwatch.demo.cli import add_arguments as add_demo_arguments, run as run_demo  # argparse only; torch loads on use
+
+    demo = sub.add_parser("demo", help="a real 2-rank training job with a fault, the full stack, a live view and a summary")
+    add_demo_arguments(demo)
+    demo.set_defaults(run=run_demo)
+
+    from gradwatch.dashboards.cli import add_parser as add_dashboards  # argparse only; the Grafana SDK loads on use
+
+    add_dashboards(sub)
     return p
 
 

@@ -1,0 +1,107 @@
+"""Every process the demo starts, and the one place that stops them all.
+
+Each child runs in a session of its own, so a Ctrl-C in the terminal reaches only the demo, which then
+stops the children in order: SIGTERM to the child's whole process group (torchrun and its ranks, or a
+server), a grace period, then SIGKILL. `stop_all` runs on normal exit, on Ctrl-C and SIGTERM (turned
+into an exception so `finally` blocks run), and at interpreter exit: no orphan is left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+class Child:
+    """A started process with its log file and an optional readiness URL."""
+
+    def __init__(self, name: str, cmd: Sequence[str], log: Path, env: Optional[dict[str, str]] = None) -> None:
+        self.name = name
+        self.log_path = log
+        self._log = log.open("ab")
+        self.proc = subprocess.Popen(list(cmd), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def wait_ready(self, url: str, timeout: float = 30.0) -> None:
+        """Poll `url` until it answers 200; a child that exits first, or a timeout, is an error with its log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready at {url} after {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM to the child's process group, then SIGKILL after `grace` seconds."""
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(grace)
+        _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers (torchrun's ranks) left in the group
+        self._log.close()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Children:
+    """The demo's children, stopped in reverse start order (the training job before the servers)."""
+
+    def __init__(self) -> None:
+        self._started: list[Child] = []
+        atexit.register(self.stop_all)
+
+    def start(self, name: str, cmd: Sequence[str], log: Path, env: Optional[dict[str, str]] = None) -> Child:
+        child = Child(name, cmd, log, env)
+        self._started.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        while self._started:
+            self._started.pop().stop()
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGHUP reached the demo; raised in the main thread so cleanup runs."""
+
+
+def raise_on_termination() -> None:
+    """Turn SIGTERM and SIGHUP into an exception (Ctrl-C already raises KeyboardInterrupt)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
