@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import types
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
@@ -216,11 +217,13 @@ class HealthAgent:
         self.add_listener(watcher)
         return watcher
 
-    def wrap(self, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.optim.Optimizer:
+    def wrap(self, optimizer: Optional[torch.optim.Optimizer] = None,
+             loss: Optional[Callable[[], Any]] = None) -> torch.optim.Optimizer:
         """Route `optimizer.step(closure)` itself through the agent, for training loops the user does
         not write (Lightning, the HF Trainer, `gradwatch run --auto-attach`). The closure, if any, runs
-        first (forward and backward, as `torch.optim` does); its return value is the step's loss. The
-        call then measures, guards and steps exactly like `agent.step`. Idempotent."""
+        first (forward and backward, as `torch.optim` does) and its value is returned; the step's loss
+        is `loss()` if given (an adapter that gathered it over micro-batches), else the closure's
+        value. The call then measures, guards and steps exactly like `agent.step`. Idempotent."""
         optimizer = optimizer or self.optimizer
         if optimizer is None:
             raise TypeError("HealthAgent.wrap needs the optimizer (pass it here or to HealthAgent(...))")
@@ -228,18 +231,24 @@ class HealthAgent:
             return optimizer
         original = optimizer.step
 
-        def step(closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+        def step(_optimizer: Any, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
             if self._in_step:  # GradScaler.step -> optimizer.step inside agent.step: the real step
                 return original(closure, **kwargs) if closure is not None else original(**kwargs)
-            loss = None
+            returned = None
             if closure is not None:
                 with torch.enable_grad():
-                    loss = closure()
-            result = self.step(optimizer, loss=loss if isinstance(loss, (torch.Tensor, float, int)) else None)
-            return loss if closure is not None else result
+                    returned = closure()
+            value = loss() if loss is not None else returned
+            result = self.step(optimizer, loss=value if isinstance(value, (torch.Tensor, float, int)) else None)
+            return returned if closure is not None else result
 
+        if getattr(original, "_wrapped_by_lr_sched", False):
+            # An LR scheduler's step counter sits below this one and still runs: keep its marker, or
+            # torch warns that optimizer.step was overridden after the scheduler was built.
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         optimizer._gradwatch_original_step = original  # type: ignore[attr-defined]
-        optimizer.step = step  # type: ignore[method-assign]
+        # A bound method, as torch's own: an LR scheduler built later re-wraps `step.__func__`.
+        optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
         _ATTACHED[optimizer] = self
         return optimizer
 

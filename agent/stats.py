@@ -98,10 +98,13 @@ class StepStats:
 
     @property
     def nonfinite(self) -> bool:
-        """True if anything this step was NaN/inf: a gradient, a loss, or an activation."""
+        """True if anything this step was NaN/inf on any rank: a gradient, a loss, or an activation.
+        The per-rank counts matter for replicated (DDP) gradients: `layer_grad_nonfinite` is read from
+        the local copy, so a fault on one rank after the gradient all-reduce shows only in that rank's
+        row of the reduced slab - and every rank must take the same skip decision."""
         return (
             any(self.layer_grad_nonfinite)
-            or any(r.loss_nonfinite or r.nonfinite_modules for r in self.ranks)
+            or any(r.loss_nonfinite or r.nonfinite_modules or r.nonfinite_layers for r in self.ranks)
         )
 
     def to_dict(self) -> dict:

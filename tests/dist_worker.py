@@ -338,7 +338,8 @@ def _digest(tensors) -> str:
 
 def guard(p: dict) -> dict:
     """Mode guard under DDP/FSDP2 with Adam: a NaN in one rank's loss at `nan_step` must be skipped
-    on every rank with parameters and optimizer state untouched; a spike at `spike_step` clipped."""
+    on every rank with parameters and optimizer state untouched; a spike at `spike_step` clipped; an
+    inf put into one rank's gradient after backward (`grad_fault_step`) skipped on every rank too."""
     torch.manual_seed(0)
     model = wrap(mixed_mlp(), p["wrap"])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -352,6 +353,9 @@ def guard(p: dict) -> dict:
         if step == p["nan_step"] and RANK == 1:
             loss = loss * float("nan")
         loss.backward()
+        if step == p.get("grad_fault_step") and RANK == 1:  # a fault on one rank after the gradient all-reduce
+            grad = next(q for q in model.parameters() if q.grad is not None).grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("inf")  # FSDP2: this rank's shard
         if step == p["nan_step"]:
             around_nan["params"] = _digest(model.parameters())
             around_nan["opt"] = _digest(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))

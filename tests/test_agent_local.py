@@ -438,3 +438,22 @@ def test_wrapped_optimizer_under_a_grad_scaler_steps_once():
     scaler.update()
     assert calls == [1] and agent.step_count == 1
     agent.close()
+
+
+def test_wrap_coexists_with_lr_schedulers_built_before_or_after(recwarn):
+    """torch's LR schedulers wrap `optimizer.step` themselves; wrapping must keep a bound method and
+    the scheduler's marker, whichever comes first (else: AttributeError, or a spurious warning)."""
+    for scheduler_first in (True, False):
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        agent = HealthAgent(model, opt, metrics_port=None, activation_every=0)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if scheduler_first else None
+        agent.wrap()
+        sched = sched or torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for _ in range(2):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            sched.step()
+        assert agent.step_count == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.025)
+        agent.close()
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message) or "overridden" in str(w.message)]

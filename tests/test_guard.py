@@ -14,9 +14,9 @@ from gradwatch.agent.guard import Guard
 @pytest.mark.multiproc
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_guard_skips_and_clips_the_same_step_on_every_rank(run_ranks, wrap):
-    r = run_ranks("guard", 2, wrap=wrap, steps=16, spike_step=9, nan_step=12)
+    r = run_ranks("guard", 2, wrap=wrap, steps=16, spike_step=9, nan_step=12, grad_fault_step=14)
     for rank in r:
-        assert rank["skipped"] == [12]  # only the poisoned step, on both ranks
+        assert rank["skipped"] == [12, 14]  # only the poisoned steps, on both ranks
         assert rank["clipped"] == [9]  # the 1000x loss spike on rank 0 only: clipped everywhere
         assert rank["params"] == rank["params_after"]  # the skipped step changed no parameter...
         assert rank["opt"] == rank["opt_after"]  # ...and no Adam moment or step count
