@@ -13,7 +13,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .summary import RunLog
+from .summary import RunLog, by_alertname, where
 
 
 def _num(value: object) -> str:
@@ -35,11 +35,11 @@ def render(log: RunLog, total_steps: int, where: str) -> Panel:
     worst = last.get("worst_layer")
     table.add_row("worst layer", worst if worst is not None else "-")
     table.add_row("guard", f"{len(log.guard.skipped_steps)} steps skipped, {len(log.guard.clipped_steps)} clipped")
-    firing = log.firing()
+    firing = by_alertname(log.firing())
     alerts = Text()
-    for a in firing:
-        where_ = " ".join(f"{k}={a.labels[k]}" for k in ("layer", "rank", "kind") if a.labels.get(k))
-        alerts.append(f"{a.alertname} [{a.severity}] {where_} (step {a.step})\n", style="bold red" if a.severity == "critical" else "yellow")
+    for name, group in firing.items():
+        severity = group[0].severity
+        alerts.append(f"{name} [{severity}] {where(group)} (since step {group[0].step})\n", style="bold red" if severity == "critical" else "yellow")
     table.add_row("alerts firing", alerts if firing else Text("none", style="green"))
     commands = Text("\n".join(f"step {c.step}: {c.kind} {c.value:g} ({c.outcome})" for c in log.commands) or "none")
     table.add_row("commands applied", commands)
@@ -74,8 +74,11 @@ class View:
             self.live.update(render(self.log, self.total, self.where))
             return
         log, seen = self.log, self._printed
+        new: dict[tuple[str, str], list] = {}
         for alert in log.alerts[seen["alerts"]:]:
-            self.console.print(f"  alert {alert.state}: {alert.alertname} {alert.labels} at step {alert.step}")
+            new.setdefault((alert.alertname, alert.state), []).append(alert)
+        for (name, state), group in new.items():
+            self.console.print(f"  alert {state}: {name} {where(group)} at step {group[0].step}")
         for cmd in log.commands[seen["commands"]:]:
             self.console.print(f"  command {cmd.outcome} on every rank at step {cmd.step}: {cmd.kind} {cmd.value:g}")
         for page in log.pages[seen["pages"]:]:

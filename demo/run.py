@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from .catalog import DESCRIPTIONS, EXPECTED_ALERTS
 from .events import EventReader
 from .live import View
 from .processes import Children, Interrupted, raise_on_termination
-from .summary import RunLog, Summary, finite
+from .summary import RunLog, Summary, by_alertname, finite, where
 
 POLL_S = 0.25
 PAGE_WAIT_S = 8.0  # after the job: how long to wait for Alertmanager to deliver what already fired
@@ -171,16 +172,17 @@ def _print(summary: Summary, options: Options, console: Console) -> None:
     if summary.nan_origin:
         o = summary.nan_origin
         table.add_row("first NaN", f"step {o['step']}, {o['kind']} of layer {o['layer']}, rank(s) {o['ranks'] or 'all'}")
-    table.add_row("alerts fired", "\n".join(
-        f"step {a.step}: {a.alertname} " + " ".join(f"{k}={a.labels[k]}" for k in ("layer", "rank", "kind") if a.labels.get(k))
-        for a in summary.alerts if a.state == "firing") or "none")
+    table.add_row("alerts fired", "\n".join(f"step {group[0].step}: {name} {where(group)}"
+                                             for name, group in by_alertname(summary.alerts).items()) or "none")
     missing = set(summary.expected_alerts) - {a.alertname for a in summary.alerts}
     if missing:
         table.add_row("[red]expected, not raised[/]", ", ".join(sorted(missing)))
     table.add_row("commands applied", "\n".join(f"step {c.step}: {c.kind} {c.value:g} ({c.outcome})" for c in summary.commands) or "none")
     table.add_row("guard", f"skipped steps {summary.guard.skipped_steps or 'none'}, clipped {len(summary.guard.clipped_steps)} steps")
     if summary.stack == "full":
-        table.add_row("pages delivered", "\n".join(f"{p.receiver}: {p.alertname} ({p.status})" for p in summary.pages) or "none")
+        pages = Counter((p.receiver, p.alertname, p.status) for p in summary.pages)
+        table.add_row("pages delivered", "\n".join(f"{receiver}: {name} ({status})" + (f" x{n}" if n > 1 else "")
+                                                    for (receiver, name, status), n in pages.items()) or "none")
     table.add_row("plots", "\n".join(summary.plots) or "none")
     if options.summary is not None:
         table.add_row("summary", str(options.summary))

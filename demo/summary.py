@@ -65,6 +65,24 @@ class Summary(BaseModel):
     duration_s: float
 
 
+def by_alertname(alerts: list[AlertRecord]) -> dict[str, list[AlertRecord]]:
+    """Firing records grouped by rule, in order of first firing: one line per rule, not per layer."""
+    groups: dict[str, list[AlertRecord]] = {}
+    for a in alerts:
+        if a.state == "firing":
+            groups.setdefault(a.alertname, []).append(a)
+    return groups
+
+
+def where(alerts: list[AlertRecord], limit: int = 3) -> str:
+    """`layer=3 rank=1 kind=activation`, or `on 24 layers: 0.0.bias, 0.0.weight, 1.0.bias, ...`."""
+    if len(alerts) == 1:
+        return " ".join(f"{k}={alerts[0].labels[k]}" for k in ("layer", "rank", "kind") if alerts[0].labels.get(k))
+    layers = [a.labels.get("layer", "") for a in alerts]
+    shown = ", ".join(layers[:limit]) + (", ..." if len(layers) > limit else "")
+    return f"on {len(alerts)} layers: {shown}"
+
+
 def finite(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
