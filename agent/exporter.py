@@ -44,6 +44,7 @@ class AgentState:
         self.latest: Optional[StepStats] = None
         self.latest_activations = None
         self.latest_update: Optional[tuple[tuple[str, ...], list[float]]] = None
+        self.latest_detail: Optional[tuple[tuple[str, ...], list[float], list[float]]] = None  # layers, max-abs, weight norm
         self.eval_loss: Optional[float] = None
         self.nan_origin: Optional[NanOrigin] = None
         self.steps_total = 0
@@ -64,6 +65,8 @@ class AgentState:
                 self.latest_activations = stats.activations
             if stats.layer_update_ratio is not None:
                 self.latest_update = (stats.layers, stats.layer_update_ratio)
+            if stats.layer_weight_norm is not None and stats.layer_grad_max_abs is not None:
+                self.latest_detail = (stats.layers, stats.layer_grad_max_abs, stats.layer_weight_norm)
             if stats.nan_origin is not None and self.nan_origin is None:
                 self.nan_origin = stats.nan_origin
             self.last_step_time = stats.time
@@ -82,7 +85,7 @@ class StatsCollector:
     def collect(self) -> Iterator[Metric]:
         s = self.state
         with s.lock:
-            latest, acts, update = s.latest, s.latest_activations, s.latest_update
+            latest, acts, update, detail = s.latest, s.latest_activations, s.latest_update, s.latest_detail
             eval_loss, origin = s.eval_loss, s.nan_origin
             counters = dict(
                 steps=s.steps_total, nonfinite_steps=s.nonfinite_steps_total,
@@ -139,7 +142,7 @@ class StatsCollector:
         if latest is None:
             return
         yield from self._step_metrics(job, latest, last_time)
-        yield from self._layer_metrics(job, latest, update)
+        yield from self._layer_metrics(job, latest, update, detail)
         if acts is not None:
             yield from self._activation_metrics(job, acts)
 
@@ -177,16 +180,20 @@ class StatsCollector:
             yield g
 
     @staticmethod
-    def _layer_metrics(job: str, st: StepStats, update) -> Iterator[Metric]:
-        columns = (
-            ("gradwatch_layer_grad_norm", "Per-layer gradient L2 norm (full tensor, across shards).", st.layer_grad_norm),
-            ("gradwatch_layer_grad_max_abs", "Per-layer largest absolute gradient element.", st.layer_grad_max_abs),
-            ("gradwatch_layer_grad_nonfinite", "1 if the layer's gradient holds a NaN/inf.", [float(b) for b in st.layer_grad_nonfinite]),
-            ("gradwatch_layer_weight_norm", "Per-layer weight L2 norm.", st.layer_weight_norm),
-        )
-        for name, doc, values in columns:
+    def _layer_metrics(job: str, st: StepStats, update, detail) -> Iterator[Metric]:
+        columns = [
+            ("gradwatch_layer_grad_norm", "Per-layer gradient L2 norm (full tensor, across shards).", st.layers, st.layer_grad_norm),
+            ("gradwatch_layer_grad_nonfinite", "1 if the layer's gradient holds a NaN/inf.", st.layers, [float(b) for b in st.layer_grad_nonfinite]),
+        ]
+        if detail is not None:  # the latest detail step's (every detail_every steps)
+            layers, max_abs, weight_norm = detail
+            columns += [
+                ("gradwatch_layer_grad_max_abs", "Per-layer largest absolute gradient element (latest detail step).", layers, max_abs),
+                ("gradwatch_layer_weight_norm", "Per-layer weight L2 norm (latest detail step).", layers, weight_norm),
+            ]
+        for name, doc, layers, values in columns:
             g = _gauge(name, doc, ["job", "layer"])
-            for layer, value in zip(st.layers, values):
+            for layer, value in zip(layers, values):
                 g.add_metric([job, layer], value)
             yield g
         if update is not None:

@@ -8,8 +8,11 @@ What is exact where:
   per-layer values are final locally and travel as LOCAL packet entries (no collective).
 * FSDP2 / FSDP1: each rank holds a shard, so each rank contributes its shard's sum of squares
   (SUM across ranks gives the full tensor's squared norm) and its shard's max-abs (MAX across).
-  Gradient norms are fp32 like `clip_grad_norm_`: a norm above ~1.8e19 reads as +inf, while
-  max-abs, which cannot overflow, decides the non-finite flag.
+  Gradient norms are fp32 like `clip_grad_norm_`: a norm above ~1.8e19 reads as +inf and counts as
+  non-finite (an update that large is garbage either way).
+
+Only the gradient L2 pass runs every measured step; max-abs and weight norms run every
+`detail_every` steps (each is one more pass over every parameter).
 """
 
 from __future__ import annotations
@@ -64,22 +67,34 @@ class GradStats:
         out = torch.zeros(self.plan.num_layers, dtype=torch.float64, device=maxes.device)
         return out.scatter_reduce_(0, self._layer_index, maxes, "amax")
 
-    def spec(self, with_update: bool) -> list[Entry]:
+    def spec(self, with_detail: bool, with_update: bool) -> list[Entry]:
+        """Gradient sums of squares always; max-abs and weight norms on detail steps (each costs a
+        full pass over the parameters, and weights change slowly); the update on update steps."""
         n = self.plan.num_layers
-        entries = [Entry("grad_sumsq", self.op, n), Entry("grad_max_abs", self.max_op, n), Entry("weight_sumsq", self.op, n)]
+        entries = [Entry("grad_sumsq", self.op, n)]
+        if with_detail:
+            entries += [Entry("grad_max_abs", self.max_op, n), Entry("weight_sumsq", self.op, n)]
         if with_update:
             entries += [Entry("update_sumsq", self.op, n), Entry("update_base_sumsq", self.op, n)]
         return entries
 
-    def add_gradients(self, packet: Packet) -> None:
+    def add_gradients(self, packet: Packet) -> torch.Tensor:
+        """Returns the local per-layer sums of squares: non-finite exactly where a local gradient
+        element is (NaN/inf propagate; a norm that overflows fp32, above ~1.8e19, reads as inf too)."""
         grads = self._grads()
-        packet.put("grad_sumsq", self._per_layer_sumsq(grads))
-        packet.put("grad_max_abs", self._per_layer_max_abs(grads))
+        sumsq = self._per_layer_sumsq(grads)
+        packet.put("grad_sumsq", sumsq)
+        if "grad_max_abs" in packet:
+            packet.put("grad_max_abs", self._per_layer_max_abs(grads))
+        return sumsq
 
     def add_weights(self, packet: Packet) -> None:
-        """Weight norms and, if a snapshot is pending, the update of the step it was taken before."""
+        """Weight norms on detail steps and, if a snapshot is pending, the update of the step it was taken before."""
+        if "weight_sumsq" not in packet and "update_sumsq" not in packet:
+            return
         weights = self._weights()
-        packet.put("weight_sumsq", self._per_layer_sumsq(weights))
+        if "weight_sumsq" in packet:
+            packet.put("weight_sumsq", self._per_layer_sumsq(weights))
         if "update_sumsq" in packet:
             snapshot, self._snapshot = self._snapshot, None
             if snapshot is None:

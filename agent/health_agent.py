@@ -12,7 +12,7 @@
 Costs per measured step (documented in docs/agent.md, counted in gradwatch_agent_* metrics):
   host-device syncs: 1.
   collectives: 0 in one process; DDP: 1 (SUM), 2 on activation-sampled steps (SUM + MAX);
-  FSDP: 2 (SUM + MAX).
+  FSDP: 1 (SUM), 2 on detail (max-abs, weight norms) and activation-sampled steps (SUM + MAX).
 
 Fail-open: an exception inside the agent never reaches the training loop. A failure on one rank is
 raised as a flag inside the next all-reduce, so every rank switches the failed feature off at the
@@ -424,14 +424,17 @@ class HealthAgent:
     def _measured(self, step: int) -> bool:
         if self.guard is not None or self._clip_norm is not None or self._skip_left > 0:
             return True  # skip/clip decisions need every step's reduced norm (and GradScaler its unscale_)
-        return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step)
+        return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step) or self._detail_due(step)
+
+    def _detail_due(self, step: int) -> bool:
+        return step % self.config.detail_every == 0
 
     # ---- measuring ----------------------------------------------------------------------------
 
     def _spec(self, step: int) -> list[Entry]:
         shared = Reduce.SUM if self.world_size > 1 else Reduce.LOCAL
         spec = [Entry("ranks", shared, self.world_size * len(RANK_FIELDS)), Entry("command", shared, 3)]
-        spec += self._grads.spec(with_update=self._update_due(step))
+        spec += self._grads.spec(with_detail=self._detail_due(step), with_update=self._update_due(step))
         if self._acts is not None:
             spec += self._acts.spec(self._activation_due(step))
         return spec
@@ -467,10 +470,9 @@ class HealthAgent:
             self._acts = None
 
     def _fill_local(self, packet: Packet, row: torch.Tensor, loss: Any) -> None:
-        self._grads.add_gradients(packet)
+        local_sumsq = self._grads.add_gradients(packet)
         self._grads.add_weights(packet)
-        local_max = packet.slot("grad_max_abs")
-        row[RANK_INDEX["nonfinite_layers"]].copy_((~torch.isfinite(local_max)).sum())
+        row[RANK_INDEX["nonfinite_layers"]].copy_((~torch.isfinite(local_sumsq)).sum())
         if loss is not None:
             if isinstance(loss, torch.Tensor) and loss.device == self.topology.device:
                 value = loss.detach().float().mean()
@@ -517,7 +519,6 @@ class HealthAgent:
             self._drop_activations()
             host = {k: v for k, v in host.items() if not k.startswith("act_")}
         grad_sumsq = host["grad_sumsq"]
-        max_abs = host["grad_max_abs"]
         ranks = decode_ranks(slab, self.world_size)
         losses = [r.loss for r in ranks if r.loss is not None]
         stats = StepStats(
@@ -527,14 +528,15 @@ class HealthAgent:
             layers=self.layers,
             grad_norm=_sqrt(sum(grad_sumsq)),
             layer_grad_norm=[_sqrt(v) for v in grad_sumsq],
-            layer_grad_max_abs=max_abs,
-            layer_grad_nonfinite=[not math.isfinite(v) for v in max_abs],
-            layer_weight_norm=[_sqrt(v) for v in host["weight_sumsq"]],
+            layer_grad_nonfinite=[not math.isfinite(v) for v in grad_sumsq],
             learning_rates=[float(group["lr"]) for group in optimizer.param_groups],
             ranks=ranks,
             loss_mean=sum(losses) / len(losses) if losses else None,
             loss_max=max(losses) if losses else None,
         )
+        if "grad_max_abs" in host:
+            stats.layer_grad_max_abs = host["grad_max_abs"]
+            stats.layer_weight_norm = [_sqrt(v) for v in host["weight_sumsq"]]
         if "update_sumsq" in host:
             stats.update_step = step - 1
             stats.layer_update_ratio = [_ratio(u, b) for u, b in zip(host["update_sumsq"], host["update_base_sumsq"])]

@@ -83,11 +83,11 @@ class StepStats:
     layers: tuple[str, ...]
     grad_norm: float  # global L2 norm of all gradients, before any clipping
     layer_grad_norm: list[float]
-    layer_grad_max_abs: list[float]
     layer_grad_nonfinite: list[bool]
-    layer_weight_norm: list[float]
     learning_rates: list[float]
     ranks: list[RankStats]
+    layer_grad_max_abs: Optional[list[float]] = None  # detail steps only (every `detail_every`)
+    layer_weight_norm: Optional[list[float]] = None  # detail steps only
     loss_mean: Optional[float] = None  # across ranks that passed a loss
     loss_max: Optional[float] = None
     update_step: Optional[int] = None  # the step whose update `layer_update_ratio` measures

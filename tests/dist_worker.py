@@ -67,7 +67,7 @@ def reference(p: dict) -> dict:
     wrapped = wrap(model, p["wrap"])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    agent = HealthAgent(wrapped, opt, job="ref", metrics_port=None, activation_every=2, update_ratio_every=2)
+    agent = HealthAgent(wrapped, opt, job="ref", metrics_port=None, activation_every=2, update_ratio_every=2, detail_every=p.get("detail_every", 1))
     steps = []
     for step in range(p.get("steps", 4)):
         ref_before = [w.detach().clone() for w in ref.parameters()]
@@ -116,8 +116,11 @@ def seed003(p: dict) -> dict:
             xb, yb = local_slice(x[idx]), local_slice(y[idx])
             loss = nn.functional.mse_loss(model(xb), yb)
             loss.backward()
-            # Independent truth, per-parameter (fine in a test): anything non-finite this step?
-            bad = not torch.isfinite(loss).item() or any(not torch.isfinite(q.grad).all() for q in model.parameters())
+            # Independent truth, per-parameter (fine in a test): anything non-finite this step? A gradient
+            # norm beyond fp32's range counts, as torch's clip_grad_norm_ reports it (its total norm is inf).
+            grads = [q.grad for q in model.parameters()]
+            bad = (not torch.isfinite(loss).item() or any(not torch.isfinite(g).all() for g in grads)
+                   or not torch.isfinite(torch.nn.utils.get_total_norm(grads)).item())
             flag = torch.tensor([float(bad)])
             dist.all_reduce(flag)
             if flag.item() and first_bad_step is None:

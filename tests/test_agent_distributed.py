@@ -45,6 +45,20 @@ def test_norms_equal_single_process_reference(run_ranks, wrap, world_size):
     assert r0["syncs"] == 4
 
 
+def test_fsdp_issues_the_max_all_reduce_only_on_detail_and_activation_steps(run_ranks):
+    """Max-abs and weight norms are sampled (detail_every): FSDP then needs its MAX all-reduce only on
+    detail steps (0, 3) and activation steps (0, 2); the SUM runs every step. Same count on every rank."""
+    results = run_ranks("reference", 2, wrap="fsdp2", steps=4, detail_every=3)
+    for r in results:
+        assert r["collectives"] == 4 + len({0, 3} | {0, 2})
+        assert [s["agent_max"] is not None for s in r["steps"]] == [True, False, False, True]
+        assert [s["agent_weight"] is not None for s in r["steps"]] == [True, False, False, True]
+    for s in results[0]["steps"]:
+        if s["agent_max"] is not None:
+            assert_close(s["agent_max"], s["ref_max"], f"step {s['step']} layer grad max-abs")
+            assert_close(s["agent_weight"], s["ref_weight"], f"step {s['step']} weight norm")
+
+
 def test_gradient_accumulation_reports_per_optimizer_step(run_ranks):
     results = run_ranks("reference", 2, wrap="ddp", steps=3, accumulate=3)
     steps = results[0]["steps"]
