@@ -53,6 +53,7 @@ def _aggregator(args: argparse.Namespace) -> int:
     settings = AggregatorSettings(**overrides)
     ruleset = load_rules(settings.rules)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per query
     uvicorn.run(create_app(settings, ruleset), host=settings.host, port=settings.port, log_level="warning")
     return 0
 
@@ -116,7 +117,9 @@ def parser() -> argparse.ArgumentParser:
     agg = sub.add_parser("aggregator", help="evaluate rules against Prometheus and page through Alertmanager")
     agg.add_argument("--rules", type=Path)
     agg.add_argument("--prometheus-url", dest="prometheus_url")
-    agg.add_argument("--alertmanager-url", dest="alertmanager_url")
+    agg.add_argument("--alertmanager-url", dest="alertmanager_url", help="`none`: no paging (alerts in the API only)")
+    agg.add_argument("--scrape", action="append", metavar="URL",
+                     help="no Prometheus: evaluate over this agent's /metrics directly (repeatable)")
     agg.add_argument("--state", type=Path, help="SQLite state file")
     agg.add_argument("--host")
     agg.add_argument("--port", type=int)

@@ -134,3 +134,52 @@ def test_survives_alertmanager_and_prometheus_outages(tmp_path: Path, stack):
         assert http_json(agg.url + "/api/v1/alerts")["jobs"]["svc"][0]["state"] == "firing"
         assert http_json(agg.url + "/healthz")["status"] == "ok"
         assert agg.proc.poll() is None
+
+
+def test_without_prometheus_it_scrapes_the_agent_directly(tmp_path: Path):
+    """`--scrape URL --alertmanager-url none`: a real agent (one process) serves /metrics; the aggregator
+    reads it itself, evaluates the rules in process and serves the alert - no Prometheus, no Alertmanager."""
+    import subprocess
+    import sys
+
+    import torch
+    from torch import nn
+
+    from gradwatch.agent import HealthAgent
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = HealthAgent(model, opt, job="scraped", metrics_port=0, metrics_addr="127.0.0.1", activation_every=0)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("interval: 1s\nrules:\n  nan_gradient: {window: 10s}\n")
+    port = free_port()
+    agg = subprocess.Popen([sys.executable, "-m", "gradwatch.aggregator.cli", "aggregator", "--scrape",
+                            f"http://127.0.0.1:{agent.metrics_port}/metrics", "--alertmanager-url", "none", "--port", str(port),
+                            "--state", str(tmp_path / "state.db"), "--rules", str(rules), "--eval-interval", "1s"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_json(f"{base}/healthz"), 30, "the aggregator")
+
+        def train(steps: int, nan_at: int = -1) -> None:
+            for step in range(steps):
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                (loss * float("nan") if step == nan_at else loss).backward()
+                agent.step(opt, loss=loss * float("nan") if step == nan_at else loss)
+                opt.zero_grad()
+                time.sleep(0.2)
+
+        train(10)
+        assert http_json(f"{base}/api/v1/alerts")["jobs"] == {}  # healthy: nothing
+        train(10, nan_at=2)
+        firing = wait_for(lambda: [a for a in http_json(f"{base}/api/v1/alerts?job=scraped")["jobs"].get("scraped", [])
+                                   if a["state"] == "firing"], 15, "the NaN alert from the scraped series")
+        assert firing[0]["labels"]["alertname"] == "GradwatchNanGradient" and firing[0]["labels"]["kind"] == "loss"
+        assert not firing[0]["delivered"]  # no Alertmanager: served by the API only
+        metrics = http_text(f"{base}/metrics")
+        assert "gradwatch_aggregator_prometheus_up 1.0" in metrics  # the scrape source counts as reached
+    finally:
+        agg.terminate()
+        out, _ = agg.communicate(timeout=30)
+        agent.close()
+    assert "Traceback" not in out, out[-3000:]

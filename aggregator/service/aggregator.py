@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from ..evaluate.alerts import FIRING, PENDING, RESOLVED, Alert, AlertTracker, Transition
 from ..rules.compile import CompiledRule
-from .clients import AlertmanagerClient, PrometheusClient, Unreachable, UpstreamError, alertmanager_payload
+from .clients import AlertmanagerClient, QuerySource, Unreachable, UpstreamError, alertmanager_payload
 from .metrics import AggregatorMetrics
 from .policy import Policy
 from .store import AlertStore
@@ -24,8 +24,8 @@ class Aggregator:
     def __init__(
         self,
         rules: list[CompiledRule],
-        prometheus: PrometheusClient,
-        alertmanager: AlertmanagerClient,
+        prometheus: QuerySource,
+        alertmanager: Optional[AlertmanagerClient],
         store: AlertStore,
         metrics: AggregatorMetrics,
         interval: float,
@@ -42,7 +42,8 @@ class Aggregator:
         self.generator_url = generator_url
         self.clock = clock
         self.lock = threading.Lock()
-        self.tracker = AlertTracker(rules, store.load(), hold_undelivered=True)
+        # With no Alertmanager (None: alerts are served by the API only) nothing waits for delivery.
+        self.tracker = AlertTracker(rules, store.load(), hold_undelivered=alertmanager is not None)
         self.last_round: Optional[float] = None
         self._backoff = 0.0  # Alertmanager
         self._next_delivery = 0.0
@@ -59,7 +60,7 @@ class Aggregator:
         reached = False
         for rule in self.rules:
             try:
-                samples = self.prometheus.query(rule.promql, now)
+                samples = self.prometheus.query(rule.expr, now)
                 reached = True
                 with self.lock:
                     changes += self.tracker.update(rule.name, now, samples)
@@ -106,7 +107,7 @@ class Aggregator:
             due = [a for a in self.tracker.alerts.values() if self._due(a, now)]
             undelivered = sum(1 for a in self.tracker.alerts.values() if a.state != PENDING and a.sent_state != a.state)
         self.metrics.pending_deliveries.set(undelivered)
-        if not due or now < self._next_delivery:
+        if self.alertmanager is None or not due or now < self._next_delivery:
             return 0
         # Alertmanager resolves a firing alert by itself at endsAt: outlast 4 rounds, backoff included.
         valid_for = 4 * max(self.interval, self.resend_interval) + self.max_backoff

@@ -13,32 +13,41 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..evaluate.engine import lookback_s
 from ..rules.compile import compile_rules
 from ..rules.specs import RuleSet
 from ..commands import Ack, Command, CommandSpec
 from .aggregator import Aggregator
 from .command_store import CommandStore
-from .clients import AlertmanagerClient, PrometheusClient
+from .clients import AlertmanagerClient, PrometheusClient, QuerySource
 from .config import AggregatorSettings
 from .metrics import AggregatorMetrics
 from .policy import Policy
+from .scrape import ScrapeSource
 from .store import AlertStore
 
 
 def build_aggregator(settings: AggregatorSettings, ruleset: RuleSet, commands: CommandStore) -> Aggregator:
     external = settings.external_url or f"http://{settings.host}:{settings.port}"
-    prometheus = PrometheusClient(settings.base(settings.prometheus_url), settings.timeout)
+    rules = compile_rules(ruleset)
+    source: QuerySource
+    if settings.scrape:  # no Prometheus: read the agents' /metrics directly, evaluate in process
+        history = max([lookback_s(r.expr) for r in rules] + [ruleset.policy.clip_window])
+        source = ScrapeSource([str(url) for url in settings.scrape], settings.timeout, history)
+    else:
+        source = PrometheusClient(settings.base(settings.prometheus_url), settings.timeout)
+    alertmanager = None if settings.alertmanager_url is None else AlertmanagerClient(settings.base(settings.alertmanager_url), settings.timeout)
     return Aggregator(
-        rules=compile_rules(ruleset),
-        prometheus=prometheus,
-        alertmanager=AlertmanagerClient(settings.base(settings.alertmanager_url), settings.timeout),
+        rules=rules,
+        prometheus=source,
+        alertmanager=alertmanager,
         store=AlertStore(settings.state),
         metrics=AggregatorMetrics(),
         interval=settings.eval_interval or ruleset.interval,
         resend_interval=settings.resend_interval,
         max_backoff=settings.max_backoff,
         generator_url=external.rstrip("/") + "/api/v1/alerts",
-        policy=Policy(ruleset.policy, commands, prometheus),
+        policy=Policy(ruleset.policy, commands, source),
     )
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, Union
 
 import httpx
 
 from ..evaluate.alerts import FIRING, Alert
 from ..evaluate.interpreter import Sample
+from ..rules.promql import Expr, render
 
 
 class UpstreamError(RuntimeError):
@@ -19,12 +20,21 @@ class Unreachable(UpstreamError):
     """No answer at all (connection refused, timeout): pointless to try the next query now."""
 
 
+class QuerySource(Protocol):
+    """Where rules are evaluated: Prometheus's HTTP API, or the agents scraped directly (scrape.py)."""
+
+    def query(self, expr: Union[Expr, str], at: float) -> list[Sample]: ...
+
+    def close(self) -> None: ...
+
+
 class PrometheusClient:
     def __init__(self, base_url: str, timeout: float) -> None:
         self._http = httpx.Client(base_url=base_url, timeout=timeout)
 
-    def query(self, promql: str, at: float) -> list[Sample]:
-        """The instant vector of `promql` at Unix time `at`."""
+    def query(self, expr: Union[Expr, str], at: float) -> list[Sample]:
+        """The instant vector of `expr` (a rule's expression, or PromQL text) at Unix time `at`."""
+        promql = expr if isinstance(expr, str) else render(expr)
         try:
             response = self._http.get("/api/v1/query", params={"query": promql, "time": f"{at:.3f}"})
         except httpx.HTTPError as exc:

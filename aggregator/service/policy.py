@@ -12,15 +12,16 @@ from typing import Optional
 
 from ..commands import ScaleLr, SetClipNorm
 from ..evaluate.alerts import FIRING, Transition
+from ..rules.promql import Call, metric
 from ..rules.specs import PolicySpec
-from .clients import PrometheusClient
+from .clients import QuerySource
 from .command_store import CommandStore
 
 log = logging.getLogger("gradwatch.aggregator")
 
 
 class Policy:
-    def __init__(self, spec: PolicySpec, commands: CommandStore, prometheus: PrometheusClient) -> None:
+    def __init__(self, spec: PolicySpec, commands: CommandStore, prometheus: QuerySource) -> None:
         self.spec, self.commands, self.prometheus = spec, commands, prometheus
 
     def react(self, changes: list[Transition], now: float) -> None:
@@ -48,7 +49,8 @@ class Policy:
                    and c.created_at >= now - self.spec.repeat_window for c in self.commands.commands(job))
 
     def _clip(self, job: str, now: float) -> None:
-        query = f'quantile_over_time({self.spec.clip_quantile}, gradwatch_grad_norm{{job="{job}"}}[{self.spec.clip_window}s])'
+        query = Call("quantile_over_time", metric("gradwatch_grad_norm", self.spec.clip_window, matchers=(("job", "=", job),)),
+                     self.spec.clip_quantile)
         try:
             values = [s.value for s in self.prometheus.query(query, now) if math.isfinite(s.value) and s.value > 0]
         except Exception as exc:
