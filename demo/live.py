@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
@@ -22,13 +22,15 @@ def _num(value: object) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
-def render(log: RunLog, total_steps: int, where: str) -> Panel:
+def render(log: RunLog, total_steps: int, location: str) -> Panel:
     last = log.last_step or {}
     step = last.get("step", -1) + 1
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("step", Group(ProgressBar(total=total_steps, completed=step, width=40), Text(f"{step}/{total_steps}")))
+    progress = Table.grid(padding=(0, 1))
+    progress.add_row(ProgressBar(total=total_steps, completed=step, width=40), Text(f"{step}/{total_steps}"))
+    table.add_row("step", progress)
     table.add_row("loss", _num(last.get("loss")))
     bound = last.get("clip_bound")
     table.add_row("grad norm", _num(last.get("grad_norm")) + (f"   (guard bound {_num(bound)})" if bound is not None else ""))
@@ -44,24 +46,24 @@ def render(log: RunLog, total_steps: int, where: str) -> Panel:
     commands = Text("\n".join(f"step {c.step}: {c.kind} {c.value:g} ({c.outcome})" for c in log.commands) or "none")
     table.add_row("commands applied", commands)
     table.add_row("pages delivered", str(len([p for p in log.pages if p.status == "firing"])))
-    return Panel(table, title=f"gradwatch demo: {log.scenario}", subtitle=where)
+    return Panel(table, title=f"gradwatch demo: {log.scenario}", subtitle=location)
 
 
 class View:
     """`update()` as often as you like; on a terminal it redraws, elsewhere it prints what is new."""
 
-    def __init__(self, log: RunLog, total_steps: int, where: str, console: Optional[Console] = None) -> None:
-        self.log, self.total, self.where = log, total_steps, where
+    def __init__(self, log: RunLog, total_steps: int, location: str, console: Optional[Console] = None) -> None:
+        self.log, self.total, self.location = log, total_steps, location
         self.console = console or Console()
         self.live: Optional[Live] = None
         self._printed = {"steps": 0, "alerts": 0, "commands": 0, "pages": 0}
 
     def __enter__(self) -> "View":
         if self.console.is_terminal:
-            self.live = Live(render(self.log, self.total, self.where), console=self.console, refresh_per_second=4, transient=False)
+            self.live = Live(render(self.log, self.total, self.location), console=self.console, refresh_per_second=4, transient=False)
             self.live.__enter__()
         else:
-            self.console.print(f"gradwatch demo: {self.log.scenario} ({self.where})")
+            self.console.print(f"gradwatch demo: {self.log.scenario} ({self.location})")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -71,14 +73,19 @@ class View:
 
     def update(self) -> None:
         if self.live is not None:
-            self.live.update(render(self.log, self.total, self.where))
-            return
+            try:
+                self.live.update(render(self.log, self.total, self.location))
+                return
+            except Exception as exc:  # the view is a convenience: never let it stop the run
+                self.live.__exit__(None, None, None)
+                self.live = None
+                self.console.print(f"gradwatch demo: live view failed ({exc!r}); printing progress lines instead")
         log, seen = self.log, self._printed
         new: dict[tuple[str, str], list] = {}
         for alert in log.alerts[seen["alerts"]:]:
             new.setdefault((alert.alertname, alert.state), []).append(alert)
         for (name, state), group in new.items():
-            self.console.print(f"  alert {state}: {name} {where(group)} at step {group[0].step}")
+            self.console.print(" ".join(part for part in (f"  alert {state}: {name}", where(group), f"at step {group[0].step}") if part))
         for cmd in log.commands[seen["commands"]:]:
             self.console.print(f"  command {cmd.outcome} on every rank at step {cmd.step}: {cmd.kind} {cmd.value:g}")
         for page in log.pages[seen["pages"]:]:

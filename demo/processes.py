@@ -12,6 +12,7 @@ import atexit
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -57,7 +58,9 @@ class Child:
             return ""
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM to the child's process group, then SIGKILL after `grace` seconds."""
+        """SIGTERM to the child's process group, then SIGKILL after `grace` seconds - and SIGKILL to
+        any descendant still alive: torchrun starts each rank in a session of its own, outside the group."""
+        descendants = _descendants(self.proc.pid)
         if self.proc.poll() is None:
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:
@@ -65,8 +68,35 @@ class Child:
             except subprocess.TimeoutExpired:
                 _signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(grace)
-        _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers (torchrun's ranks) left in the group
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        for pid in descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self._log.close()
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live descendant of `root`, from /proc (Linux); empty where /proc is not readable."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -89,8 +119,19 @@ class Children:
         return child
 
     def stop_all(self) -> None:
-        while self._started:
-            self._started.pop().stop()
+        """Stop every child; a second Ctrl-C meanwhile does not cut the shutdown short."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            while self._started:
+                self._started[-1].stop()
+                self._started.pop()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 class Interrupted(Exception):

@@ -3,16 +3,18 @@ summarise it - then stop everything it started, however it ends.
 
     full stack   Prometheus + Alertmanager + the aggregator (rules, paging, commands), when the
                  binaries are installed; the agent runs in guard mode and takes the aggregator's commands.
-    embedded     no Prometheus: the agent's guard, and the same rules evaluated over the agent's own
-                 series inside rank 0 (`HealthAgent.watch_rules`). No pages, no commands.
+    embedded     no Prometheus: the agent's guard, and the aggregator reading rank 0's /metrics
+                 directly (`gradwatch aggregator --scrape`): the same rules and commands, no pages.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections import Counter
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from importlib.resources import as_file, files
@@ -57,14 +59,15 @@ def _choose_stack(requested: str, console: Console) -> Optional[tuple[str, str]]
     if binaries is None:
         if requested == "full":
             raise DemoError(f"--stack full needs prometheus and prometheus-alertmanager on PATH: {stack_mod.INSTALL_HINT}")
-        console.print("[yellow]Prometheus/Alertmanager not found: running on the embedded default (the agent's guard and "
-                      f"in-process rules; no pages, no commands). For the full stack: {stack_mod.INSTALL_HINT}[/]")
+        console.print("[yellow]Prometheus/Alertmanager not found: running on the embedded default (the agent's guard, and the "
+                      "aggregator reading rank 0's metrics directly: alerts and commands, no pages). "
+                      f"For the full stack: {stack_mod.INSTALL_HINT}[/]")
     return binaries
 
 
 def _firing_from_aggregator(url: str, job: str) -> Optional[list[dict[str, str]]]:
     try:
-        with urllib.request.urlopen(f"{url}/api/v1/alerts?job={job}", timeout=1) as response:
+        with urllib.request.urlopen(f"{url}/api/v1/alerts?job={urllib.parse.quote(job)}", timeout=1) as response:
             alerts = json.loads(response.read())["jobs"].get(job, [])
     except (OSError, ValueError, KeyError):
         return None  # not up yet, or busy: the next poll catches up
@@ -79,50 +82,49 @@ def run(options: Options, console: Optional[Console] = None,
     job = options.job or f"demo-{options.scenario}"
     binaries = _choose_stack(options.stack, console)
     workdir = (options.out / "run").resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # a rerun must not inherit the last run's alerts, commands, pages
+    workdir.mkdir(parents=True)
     events = workdir / "events.jsonl"
-    events.unlink(missing_ok=True)
     log = RunLog(options.scenario, job)
     children = Children()
     raise_on_termination()
     stack: Optional[stack_mod.Stack] = None
     exit_code, interrupted = -1, False
     metrics_port = options.metrics_port or stack_mod.free_port()
+    reader = EventReader(events)
     with as_file(files("gradwatch.demo") / "rules.yaml") as rules:
         try:
-            if binaries is not None:
-                stack = stack_mod.start(children, workdir, binaries, rules, metrics_port)
+            try:
+                stack = (stack_mod.start(children, workdir, binaries, rules, metrics_port) if binaries is not None
+                         else stack_mod.start_embedded(children, workdir, rules, metrics_port))
+            except RuntimeError as exc:  # a server that would not start: its log says why
+                raise DemoError(f"the stack did not start: {exc}") from None
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={options.nproc}",
                    "-m", "gradwatch.demo.worker", "--scenario", options.scenario, "--steps", str(options.steps),
                    "--seconds-per-step", str(options.seconds_per_step), "--events", str(events), "--job", job,
                    "--metrics-port", str(metrics_port)]
-            env = {"OMP_NUM_THREADS": "1"}
-            if stack is not None:
-                cmd += ["--aggregator-url", stack.aggregator_url, "--linger", "2"]
-                env["GRADWATCH_AGGREGATOR_TOKEN"] = stack.token
-            else:
-                cmd += ["--rules", str(rules)]
-            training = children.start("training job", cmd, workdir / "train.log", env=env)
-            where = (f"full stack: Prometheus {stack.prometheus_url}, aggregator {stack.aggregator_url}" if stack
-                     else "embedded: guard + in-process rules") + f"; logs in {workdir}"
+            cmd += ["--aggregator-url", stack.aggregator_url, "--linger", "2"]
+            training = children.start("training job", cmd, workdir / "train.log",
+                                       env={"OMP_NUM_THREADS": "1", "GRADWATCH_AGGREGATOR_TOKEN": stack.token})
+            where = (f"full stack: Prometheus {stack.prometheus_url}, aggregator {stack.aggregator_url}" if stack.full
+                     else f"embedded: guard + aggregator {stack.aggregator_url} reading rank 0 directly") + f"; logs in {workdir}"
             console.print(f"[bold]{options.scenario}[/]: {DESCRIPTIONS[options.scenario]}")
-            reader = EventReader(events)
             with View(log, options.steps, where, console) as view:
                 while True:
                     done = training.poll() is not None
                     for event in reader.read():
                         log.add_event(event)
-                    if stack is not None:
-                        firing = _firing_from_aggregator(stack.aggregator_url, job)
-                        if firing is not None:
-                            log.active(firing, time.time())
+                    firing = _firing_from_aggregator(stack.aggregator_url, job)
+                    if firing is not None:
+                        log.active(firing, time.time())
+                    if stack.pager is not None:
                         log.set_pages(stack.pager.alerts())
                     view.update()
                     if done:
                         break
                     time.sleep(POLL_S)
                 exit_code = training.poll()  # type: ignore[assignment]
-                if stack is not None:  # let Alertmanager deliver what already fired
+                if stack.pager is not None:  # let Alertmanager deliver what already fired
                     deadline = time.time() + PAGE_WAIT_S
                     fired = {a.alertname for a in log.alerts if a.state == "firing"}
                     while time.time() < deadline and not fired <= {p.alertname for p in log.pages}:
@@ -140,8 +142,10 @@ def run(options: Options, console: Optional[Console] = None,
         finally:
             children.stop_all()
             if stack is not None:
-                stack.pager.close()
-    return _finish(options, log, stack is not None, exit_code, interrupted, started, console)
+                stack.close()
+    for event in reader.read():  # what the job wrote before it stopped (an interrupted run too)
+        log.add_event(event)
+    return _finish(options, log, binaries is not None, exit_code, interrupted, started, console)
 
 
 def _finish(options: Options, log: RunLog, full: bool, exit_code: int, interrupted: bool, started: float, console: Console) -> Summary:

@@ -82,11 +82,19 @@ class Pager:
 
 @dataclass
 class Stack:
-    prometheus_url: str
-    alertmanager_url: str
     aggregator_url: str
     token: str
-    pager: Pager
+    prometheus_url: Optional[str] = None  # None: the embedded stack (the aggregator scrapes the agent)
+    alertmanager_url: Optional[str] = None
+    pager: Optional[Pager] = None
+
+    @property
+    def full(self) -> bool:
+        return self.prometheus_url is not None
+
+    def close(self) -> None:
+        if self.pager is not None:
+            self.pager.close()
 
 
 def prometheus_config(rule_file: Path, metrics_port: int, aggregator_port: int) -> dict:
@@ -114,8 +122,25 @@ def alertmanager_config(pager_url: str) -> dict:
     }
 
 
+def _aggregator(children: Children, workdir: Path, rules: Path, port: int, token: str, source: list[str]) -> None:
+    children.start("aggregator", [
+        sys.executable, "-m", "gradwatch.aggregator.cli", "aggregator", "--rules", str(rules), *source,
+        "--state", str(workdir / "aggregator.sqlite"), "--port", str(port),
+        "--eval-interval", "1s", "--resend-interval", "5s", "--max-backoff", "2s",
+    ], workdir / "aggregator.log", env={"GRADWATCH_AGGREGATOR_TOKEN": token}).wait_ready(f"http://127.0.0.1:{port}/healthz")
+
+
+def start_embedded(children: Children, workdir: Path, rules: Path, metrics_port: int) -> Stack:
+    """No Prometheus: the aggregator reads rank 0's /metrics itself (`--scrape`), evaluates the same
+    rules in process and sends the same commands; no Alertmanager, so nothing is paged."""
+    port, token = free_port(), secrets.token_urlsafe(24)
+    _aggregator(children, workdir, rules, port, token,
+                ["--scrape", f"http://127.0.0.1:{metrics_port}/metrics", "--alertmanager-url", "none"])
+    return Stack(f"http://127.0.0.1:{port}", token)
+
+
 def start(children: Children, workdir: Path, binaries: tuple[str, str], rules: Path, metrics_port: int) -> Stack:
-    """Start the pager, Alertmanager, the aggregator and Prometheus; return once all answer."""
+    """Start the pager, Alertmanager, Prometheus and the aggregator; return once all answer."""
     prometheus_bin, alertmanager_bin = binaries
     prom_port, am_port, agg_port = free_port(), free_port(), free_port()
     pager = Pager()
@@ -123,8 +148,8 @@ def start(children: Children, workdir: Path, binaries: tuple[str, str], rules: P
     rule_file.write_text(export_text(load_rules(rules)), encoding="utf-8")
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(rule_file, metrics_port, agg_port)))
     (workdir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(pager.url)))
-    token = secrets.token_urlsafe(24)
-
+    stack = Stack(f"http://127.0.0.1:{agg_port}", secrets.token_urlsafe(24), f"http://127.0.0.1:{prom_port}",
+                  f"http://127.0.0.1:{am_port}", pager)
     am = children.start("alertmanager", [
         alertmanager_bin, f"--config.file={workdir / 'alertmanager.yml'}", f"--storage.path={workdir / 'alertmanager'}",
         f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=", "--log.level=warn",
@@ -133,14 +158,8 @@ def start(children: Children, workdir: Path, binaries: tuple[str, str], rules: P
         prometheus_bin, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'prometheus'}",
         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn",
     ], workdir / "prometheus.log")
-    stack = Stack(f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}", f"http://127.0.0.1:{agg_port}", token, pager)
-    agg = children.start("aggregator", [
-        sys.executable, "-m", "gradwatch.aggregator.cli", "aggregator", "--rules", str(rules),
-        "--prometheus-url", stack.prometheus_url, "--alertmanager-url", stack.alertmanager_url,
-        "--state", str(workdir / "aggregator.sqlite"), "--port", str(agg_port),
-        "--eval-interval", "1s", "--resend-interval", "5s", "--max-backoff", "2s",
-    ], workdir / "aggregator.log", env={"GRADWATCH_AGGREGATOR_TOKEN": token})
     am.wait_ready(f"{stack.alertmanager_url}/-/ready")
     prom.wait_ready(f"{stack.prometheus_url}/-/ready")
-    agg.wait_ready(f"{stack.aggregator_url}/healthz")
+    _aggregator(children, workdir, rules, agg_port, stack.token,
+                ["--prometheus-url", str(stack.prometheus_url), "--alertmanager-url", str(stack.alertmanager_url)])
     return stack

@@ -2,9 +2,9 @@
 
     torchrun --standalone --nproc-per-node 2 -m gradwatch.demo.worker --scenario exploding --events run.jsonl
 
-A plain DDP loop with the agent in guard mode. Rank 0 serves Prometheus metrics, takes remediation
-commands from the aggregator when one is given, evaluates the rules in process when a rules file is
-given instead (the embedded default), and writes what happens to the event stream (events.py).
+A plain DDP loop with the agent in guard mode. Rank 0 serves Prometheus metrics (scraped by Prometheus,
+or by the aggregator itself in the embedded stack), takes remediation commands from the aggregator,
+and writes what happens to the event stream (events.py).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--job", default="gradwatch-demo")
     p.add_argument("--metrics-port", type=int, default=0)
     p.add_argument("--aggregator-url", help="take remediation commands from this aggregator (token: GRADWATCH_AGGREGATOR_TOKEN)")
-    p.add_argument("--rules", type=Path, help="evaluate these rules in process (rank 0) instead of through Prometheus")
     p.add_argument("--linger", type=float, default=0.0, help="seconds to keep serving metrics after the last step")
     return p.parse_args(argv)
 
@@ -80,12 +79,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if events is not None:
         events.write("start", job=args.job, scenario=args.scenario, world_size=world, layers=list(agent.layers),
                      metrics_port=agent.metrics_port, time=time.time())
-        if args.rules is not None:
-            def on_alert(change) -> None:  # the publisher thread: EmbeddedRules' transitions
-                a = change.alert
-                events.write("alert", state=change.after, alertname=a.labels["alertname"], severity=a.labels.get("severity", ""),
-                             labels=dict(a.labels), step=agent.last_stats.step if agent.last_stats else None, time=time.time())
-            agent.watch_rules(str(args.rules), on_alert=on_alert)
 
     slow_steps, slow_seconds = SLOW_START.get(args.scenario, (0, args.seconds_per_step))
     halted = False

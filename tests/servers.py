@@ -7,17 +7,16 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import yaml
 
 from conftest import free_port
+from gradwatch.demo.stack import Pager  # noqa: F401  (the webhook receiver that plays the pager)
 from promtool_cases import require
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,44 +137,6 @@ def aggregator(tmp: Path, prometheus_url: str, alertmanager_url: str, rules: Opt
     proc = Process("aggregator", cmd, tmp / f"aggregator-{port}.log", f"http://127.0.0.1:{port}/healthz", env=env)
     proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     return proc
-
-
-class Pager:
-    """The webhook receiver Alertmanager notifies: records every payload with its arrival time."""
-
-    def __init__(self) -> None:
-        self.notifications: list[dict] = []
-        self.lock = threading.Lock()
-        pager = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with pager.lock:
-                    pager.notifications.append({"received": time.time(), "receiver": self.path.strip("/"), **body})
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def alerts(self, status: Optional[str] = None, **labels: str) -> list[dict]:
-        """Every alert (with its notification's arrival time) matching `status` and `labels`."""
-        with self.lock:
-            found = []
-            for n in self.notifications:
-                for a in n["alerts"]:
-                    if (status is None or a["status"] == status) and all(a["labels"].get(k) == v for k, v in labels.items()):
-                        found.append({**a, "received": n["received"], "receiver": n["receiver"]})
-            return found
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @contextmanager

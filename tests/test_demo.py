@@ -60,7 +60,9 @@ def test_nan_on_one_rank_is_named_skipped_and_summarised(tmp_path: Path):
     assert summary.nan_origin == {"step": 20, "kind": "activation", "layer": "3", "ranks": [1]}
     assert summary.guard.skipped_steps == [20]  # the guard kept the NaN out of the weights, on every rank
     assert summary.final_loss is not None and math.isfinite(summary.final_loss)
-    assert summary.commands == [] and summary.pages == []
+    # the embedded aggregator (reading rank 0 directly) answered the NaN: the policy halves the LR; no pages
+    assert [(c.kind, c.value, c.outcome) for c in summary.commands] == [("scale_lr", 0.5, "applied")] and summary.pages == []
+    assert summary.commands[0].step > 20
     for png in summary.plots:
         data = Path(png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, png
@@ -73,7 +75,7 @@ def test_nan_on_one_rank_is_named_skipped_and_summarised(tmp_path: Path):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("scenario", ["vanishing", "dead-relu", "healthy"])
+@pytest.mark.parametrize("scenario", ["exploding", "vanishing", "dead-relu", "healthy"])
 def test_each_scenario_raises_what_it_should_and_nothing_when_healthy(tmp_path: Path, scenario: str):
     run, summary = demo(tmp_path, "--scenario", scenario, "--stack", "embedded", "--steps", "35", "--seconds-per-step", "0.2")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -83,6 +85,9 @@ def test_each_scenario_raises_what_it_should_and_nothing_when_healthy(tmp_path: 
     else:
         assert fired(summary) == set(), summary.alerts
     assert summary.expected_alerts == list(EXPECTED_ALERTS[scenario])
+    if scenario == "exploding":  # what `make demo` runs on a machine without Prometheus: the loop still closes
+        assert {"set_clip_norm", "scale_lr"} <= {c.kind for c in summary.commands if c.outcome == "applied"}, summary.commands
+        assert summary.nan_origin is None and summary.final_loss is not None and math.isfinite(summary.final_loss)
     if scenario == "vanishing":  # the early layers, not the late ones
         layers = {a.labels["layer"] for a in summary.alerts if a.alertname == "GradwatchVanishingGradient"}
         assert "0.0.weight" in layers and "29.0.weight" not in layers, layers
@@ -111,12 +116,12 @@ def test_without_prometheus_it_says_so_once_and_runs_embedded(tmp_path: Path):
     run, summary = demo(tmp_path, "--scenario", "healthy", "--steps", "3", "--seconds-per-step", "0", env=bare)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert summary.stack == "embedded" and summary.steps == 3
-    out = run.stdout.replace("\n", " ")
+    out = " ".join(run.stdout.split())  # rich wraps at the terminal width
     assert out.count("Prometheus/Alertmanager not found") == 1
     assert "apt-get install -y prometheus prometheus-alertmanager" in out
     refused = subprocess.run([*GRADWATCH, "demo", "--stack", "full", "--out", str(tmp_path / "full")],
                              capture_output=True, text=True, timeout=60, env={**os.environ, **bare})
-    assert refused.returncode == 2 and "apt-get install" in refused.stdout.replace("\n", " ")
+    assert refused.returncode == 2 and "apt-get install -y prometheus prometheus-alertmanager" in " ".join(refused.stdout.split())
 
 
 @pytest.mark.multiproc
@@ -134,7 +139,7 @@ def test_stopping_the_demo_leaves_no_process_behind(tmp_path: Path, stack: str, 
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
     children = survivors(str(out))
-    assert len(children) >= (5 if stack == "full" else 3), children  # torchrun + 2 ranks (+ the servers)
+    assert len(children) >= (7 if stack == "full" else 5), children  # the demo, torchrun, 2 ranks, the servers
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output[-3000:]
@@ -142,3 +147,36 @@ def test_stopping_the_demo_leaves_no_process_behind(tmp_path: Path, stack: str, 
     assert survivors(str(out)) == [], "left behind"
     summary = Summary.model_validate_json((out / "summary.json").read_text())
     assert summary.interrupted and 3 <= summary.steps < 1000
+
+
+def test_live_view_renders_alerts_commands_and_pages_on_a_terminal():
+    """The in-place panel (a terminal) and the line printer (a pipe) over the same run log."""
+    import io
+
+    from rich.console import Console
+
+    from gradwatch.demo.live import View
+    from gradwatch.demo.summary import PageRecord, RunLog
+
+    log = RunLog("exploding", "j")
+    log.add_event({"type": "start", "layers": ["fc1.weight"], "world_size": 2})
+    for step in range(12):
+        log.add_event({"type": "step", "step": step, "loss": float("inf") if step == 11 else 1.0, "grad_norm": 2.0,
+                       "worst_layer": "fc1.weight", "clip_bound": 3.0, "skipped": step == 11, "clipped": step == 7})
+    for layer in ("fc1.weight", "fc2.weight"):
+        log.add_event({"type": "alert", "state": "firing", "labels": {"alertname": "GradwatchExplodingGradient", "layer": layer,
+                       "severity": "critical"}, "step": 6, "time": 1.0})
+    log.add_event({"type": "command", "step": 7, "kind": "set_clip_norm", "value": 1.5, "outcome": "applied"})
+    log.pages = [PageRecord(receiver="training-pager", alertname="GradwatchExplodingGradient", status="firing", time=2.0)]
+    for terminal in (True, False):
+        out = io.StringIO()
+        with View(log, 20, "test", Console(file=out, force_terminal=terminal, width=120, color_system=None)) as view:
+            view.update()
+        text = out.getvalue()
+        assert "GradwatchExplodingGradient" in text and "on 2 layers: fc1.weight, fc2.weight" in text, text
+        assert "set_clip_norm 1.5" in text and ("12/20" in text if terminal else "step   10/20" in text), text
+        assert "live view failed" not in text
+        if terminal:
+            assert "1 steps skipped, 1 clipped" in text and "pages delivered   1" in text, text
+        else:
+            assert "page delivered to training-pager" in text
