@@ -10,20 +10,38 @@ from .common import JOB, LAYER, dashboard, job_variable, latest, layer_variable,
 
 UID = "gradwatch-layers"
 
+# The heatmap's rows follow the order of the query's series (Grafana sorts them only when every name is
+# a number), and Prometheus returns a range query's series sorted by label set, so `layers.10` lands
+# before `layers.2`. Grafana 11.6 has no natural-sort option or transformation for this, and there is no
+# layer-index label; instead the query adds a label that sorts first (upper case precedes `__name__`)
+# holding the layer name with its first number zero-padded to 3 digits: natural order up to 999 layers.
+ORDER_LABEL = "LayerOrder"
+
+
+def natural_order(expr: str) -> str:
+    """`expr` with ORDER_LABEL = its `layer` label, first number padded: layers.2.w -> layers.002.w."""
+    keyed = f'label_replace({expr}, "{ORDER_LABEL}", "$1", "layer", "(.*)")'
+    for zeros, digits in (("00", "[0-9]"), ("0", "[0-9][0-9]")):  # a 1-digit, then a 2-digit first number
+        keyed = (f'label_replace({keyed}, "{ORDER_LABEL}", "${{1}}{zeros}$2", "{ORDER_LABEL}", '
+                 f'"([^0-9]*)({digits}([^0-9].*)?)")')
+    return keyed
+
 
 def build() -> db.Dashboard:
     grad = f"gradwatch_layer_grad_norm{{{JOB}, {LAYER}}}"
-    # One row per layer, coloured by norm; exponential colour so a 1e3x spike does not hide the rest.
+    # One row per layer in network order, the first at the top, coloured by norm; exponential colour
+    # so a 1e3x spike does not hide the rest.
     grad_heatmap = (
         heatmap.Panel().calculate(False)
         .color(heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME).scheme("Spectral")
                .scale(hm.HeatmapColorScale.EXPONENTIAL).exponent(0.3).steps(64))
-        .y_axis(heatmap.YAxisConfig().unit("none")).cell_values(heatmap.CellValues().unit("short"))
+        .y_axis(heatmap.YAxisConfig().unit("none").reverse(True)).cell_values(heatmap.CellValues().unit("short"))
         .show_legend()
     )
     panels = [
-        panel(grad_heatmap, "Gradient norm per layer", "L2 norm of each layer's gradient (before clipping) over time.",
-              "short", [query(grad, "{{layer}}")], w=24, h=10),
+        panel(grad_heatmap, "Gradient norm per layer", "L2 norm of each layer's gradient (before clipping) over time; "
+              "rows in natural order of the layer names (layers.2 before layers.10), the first at the top.",
+              "short", [query(natural_order(grad), "{{layer}}")], w=24, h=10),
         series("Gradient norm", "Per layer, log scale.", "short", [query(grad, "{{layer}}")], log=True),
         latest("Vanishing layers: gradient norm / largest layer's", "Red below 1%: the vanishing-gradient rule's "
                "relative test (a healthy deep net keeps every layer within a few decades).", "percentunit",

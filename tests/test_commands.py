@@ -22,7 +22,7 @@ import pytest
 from conftest import free_port, launch
 from servers import aggregator, running, wait_for
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-tests"
 
 
 def call(url: str, method: str = "GET", body: Optional[dict] = None, token: Optional[str] = TOKEN) -> tuple[int, Any]:

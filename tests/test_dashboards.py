@@ -23,7 +23,7 @@ from gradwatch.aggregator.cli import main as cli
 from gradwatch.dashboards import JSON_DIR
 from gradwatch.dashboards import export as dashboards_export
 from promtool_cases import require
-from servers import http_json
+from servers import http_json, prometheus, wait_for
 
 COMMITTED = {p.name: json.loads(p.read_text()) for p in sorted(JSON_DIR.glob("*.json"))}
 
@@ -67,6 +67,38 @@ def test_export_check_flags_a_stale_file(tmp_path: Path, capsys: pytest.CaptureF
     assert "gradwatch-ranks.json" in capsys.readouterr().err
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_export_defaults_to_the_checkouts_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """From a checkout's root, `export` and `--check` use ./dashboards/json - never the installed package's
+    json/, which a non-editable install puts in site-packages."""
+    monkeypatch.chdir(REPO)
+    assert cli(["dashboards", "export", "--check"]) == 0
+    assert capsys.readouterr().out.startswith("dashboards/json: up to date")
+    checkout = tmp_path / "checkout"
+    (checkout / "dashboards").mkdir(parents=True)
+    (checkout / "dashboards" / "export.py").write_text("")
+    monkeypatch.chdir(checkout)
+    before = {p.name: p.stat().st_mtime_ns for p in JSON_DIR.glob("*.json")}
+    assert cli(["dashboards", "export", "--check"]) == 1  # nothing there yet
+    assert cli(["dashboards", "export"]) == 0
+    assert sorted(p.name for p in (checkout / "dashboards" / "json").iterdir()) == sorted(COMMITTED)
+    assert cli(["dashboards", "export", "--check"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in JSON_DIR.glob("*.json")} == before
+
+
+def test_export_outside_a_checkout_needs_an_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "dashboards" / "json").mkdir(parents=True)  # a directory of that name is not a checkout
+    monkeypatch.chdir(tmp_path)
+    for args in (["dashboards", "export"], ["dashboards", "export", "--check"]):
+        capsys.readouterr()
+        assert cli(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not in a gradwatch checkout" in err and "-o DIR" in err, err
+    assert not any((tmp_path / "dashboards" / "json").iterdir())
+
+
 def test_cli_works_without_the_grafana_libraries() -> None:
     """The aggregator's CLI registers `dashboards`: it must import without either library, and using
     the sub-command then names the extra to install."""
@@ -77,7 +109,7 @@ def test_cli_works_without_the_grafana_libraries() -> None:
         "        if name.split('.')[0] in {'grafana_foundation_sdk', 'grafana_client'}: raise ImportError(name, name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "from gradwatch.aggregator.cli import main\n"
-        "sys.exit(main(['dashboards', 'export', '--check']))\n"
+        "sys.exit(main(['dashboards', 'export', '--check', '-o', '.']))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
@@ -126,7 +158,7 @@ def test_every_variable_used_is_defined_and_layer_rank_are_regex_matched(name: s
     builtin = {"__rate_interval", "__interval", "__range"}
     for where, q in targets(d):
         expr = expression(q)
-        used = set(re.findall(r"\$\{?(\w+)", expr))
+        used = set(re.findall(r"\$\{?([A-Za-z_]\w*)", expr))  # not label_replace's $1, ${1}
         assert used <= defined | builtin, f"{where}: undefined {used - defined - builtin} in {expr}"
         # Multi-value variables expand to a|b regexes (All to .*): an `=` matcher would match nothing.
         for var in ("layer", "rank"):
@@ -174,6 +206,54 @@ def test_the_panels_the_issue_names_exist() -> None:
     assert any("gradwatch_commands_applied_total" in a["expr"] for a in overview["annotations"]["list"])
     heat = next(p for p in panels(by_uid["gradwatch-layers"]) if p["title"] == "Gradient norm per layer")
     assert heat["type"] == "heatmap" and "gradwatch_layer_grad_norm" in heat["targets"][0]["expr"]
+
+
+# --- the layer heatmap's row order -----------------------------------------------------------------
+
+# Shuffled, as a model's parameters might be exported; natural order is the network's order here.
+LAYERS = ["layers.10.mlp.weight", "embed.weight", "layers.2.mlp.weight", "layers.0.mlp.weight", "layers.100.mlp.weight",
+          "layers.11.mlp.weight", "layers.1.mlp.weight", "layers.20.mlp.weight", "norm.weight", "fc10.weight", "fc2.weight"]
+NATURAL = ["embed.weight", "fc2.weight", "fc10.weight", "layers.0.mlp.weight", "layers.1.mlp.weight", "layers.2.mlp.weight",
+           "layers.10.mlp.weight", "layers.11.mlp.weight", "layers.20.mlp.weight", "layers.100.mlp.weight", "norm.weight"]
+
+
+def test_heatmap_rows_come_in_natural_layer_order(tmp_path: Path) -> None:
+    """Grafana draws a heatmap's rows in the order of the query's series (it sorts only all-numeric
+    names). A real Prometheus scrapes those layers: the heatmap's query returns them in natural order
+    (layers.2 before layers.10), where the bare selector's order is Prometheus's lexical one."""
+    body = "".join(f'gradwatch_layer_grad_norm{{job="order",layer="{name}"}} {i}\n' for i, name in enumerate(LAYERS)).encode()
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prom_port = free_port()
+    prom = prometheus(tmp_path, [f"127.0.0.1:{server.server_port}"], port=prom_port).start()
+    try:
+        heat = next(p for p in panels(COMMITTED["gradwatch-layers.json"]) if p["title"] == "Gradient norm per layer")
+        assert heat["options"]["yAxis"]["reverse"] is True  # the first layer at the top
+
+        def layers(expr: str) -> list[str]:
+            end = time.time()
+            params = urllib.parse.urlencode({"query": concrete(expr, "order", 60), "start": end - 30, "end": end, "step": 1})
+            return [s["metric"]["layer"] for s in http_json(f"http://127.0.0.1:{prom_port}/api/v1/query_range?{params}")["data"]["result"]]
+
+        bare = 'gradwatch_layer_grad_norm{job="$job", layer=~"$layer"}'
+        assert wait_for(lambda: layers(bare) if len(layers(bare)) == len(LAYERS) else None, 30, "a scrape") == sorted(LAYERS)
+        assert sorted(LAYERS) != NATURAL  # the problem: lexical order puts layers.10 before layers.2
+        assert layers(heat["targets"][0]["expr"]) == NATURAL
+    finally:
+        prom.stop()
+        server.shutdown()
+        server.server_close()
 
 
 # --- push: a stand-in for Grafana's HTTP API ----------------------------------------------------------
@@ -295,7 +375,7 @@ def concrete(expr: str, job: str, window_s: int) -> str:
     for var, value in {"job": job, "layer": ".*", "rank": ".*", "__rate_interval": RATE_INTERVAL,
                        "__interval": "1s", "__range": f"{window_s}s"}.items():
         expr = expr.replace("${" + var + "}", value).replace("$" + var, value)
-    assert "$" not in expr, f"unsubstituted variable in {expr}"
+    assert not re.search(r"\$\{?[A-Za-z_]", expr), f"unsubstituted variable in {expr}"
     return expr
 
 

@@ -8,6 +8,7 @@ import fnmatch
 import importlib.metadata
 import json
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -103,6 +104,22 @@ def test_alertmanager_config_passes_amtool_and_routes_by_severity(config):
     assert route_of(config, "alertname=GradwatchLossPlateau", "severity=warning", "job=j") == "training-chat"
 
 
+OPERATOR_PROMETHEUS = "prometheus=monitoring/kube-prometheus-stack-prometheus"  # its default external label
+
+
+@pytest.mark.parametrize("config", ALERTMANAGER_CONFIGS)
+def test_operator_prometheus_copies_of_gradwatch_alerts_are_discarded(config):
+    """Under the Prometheus Operator, Prometheus sends the PrometheusRule's alerts too: its copies (with
+    its external label `prometheus`) are dropped, the aggregator's (without) page, and the cluster's other
+    alerts from that Prometheus still reach the receivers."""
+    for alert in (["alertname=GradwatchNanGradient", "severity=critical"], ["alertname=GradwatchLossPlateau", "severity=warning"]):
+        assert route_of(config, *alert, "job=j", OPERATOR_PROMETHEUS, "prometheus_replica=prometheus-0") == "discard"
+    assert route_of(config, "alertname=GradwatchNanGradient", "severity=critical", "job=j", "prometheus=") == "training-pager"
+    assert route_of(config, "alertname=KubePodCrashLooping", "severity=critical", OPERATOR_PROMETHEUS) == "training-pager"
+    receivers = {r["name"]: r for r in yaml.safe_load((DEPLOY / "alertmanager" / config).read_text())["receivers"]}
+    assert receivers["discard"] == {"name": "discard"}  # no integration: nothing is sent
+
+
 def test_pagerduty_slack_variant_has_the_same_routing_and_keys_from_files():
     plain, real = (yaml.safe_load((DEPLOY / "alertmanager" / c).read_text()) for c in ALERTMANAGER_CONFIGS)
     assert real["route"] == plain["route"] and real["inhibit_rules"] == plain["inhibit_rules"]
@@ -184,6 +201,14 @@ def container_env(container: dict) -> dict[str, str]:
     return env
 
 
+def aggregator_env(container: dict) -> dict[str, str]:
+    """container_env with the Secret's token replaced by a random one, as its comment tells the operator
+    to do: the committed placeholder is refused at start-up (test_placeholder_token_is_refused)."""
+    env = container_env(container)
+    assert env["GRADWATCH_AGGREGATOR_TOKEN"].startswith("REPLACE-ME")
+    return {**env, "GRADWATCH_AGGREGATOR_TOKEN": secrets.token_hex(32)}
+
+
 def test_kustomizations_list_every_manifest():
     assert [d.relative_to(K8S).as_posix() for d in kustomization_dirs()] == [".", "example-training"]
     for directory in kustomization_dirs():
@@ -241,7 +266,7 @@ def test_service_and_servicemonitor_reach_the_aggregator():
     monitor = one("ServiceMonitor", "gradwatch-aggregator")
     assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
-    settings = settings_from_env(AggregatorSettings, container_env(container))
+    settings = settings_from_env(AggregatorSettings, aggregator_env(container))
     assert settings.host == "0.0.0.0" and ports["http"] == settings.port
 
 
@@ -250,7 +275,7 @@ def test_aggregator_deployment_is_a_single_writer_with_persistent_state():
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    state = PurePosixPath(settings_from_env(AggregatorSettings, container_env(container)).state.as_posix())
+    state = PurePosixPath(settings_from_env(AggregatorSettings, aggregator_env(container)).state.as_posix())
     mount = next(m for m in container["volumeMounts"] if state.parent == PurePosixPath(m["mountPath"]))
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     one("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
@@ -316,11 +341,11 @@ def not_in_image() -> list[str]:
 
 
 def test_aggregator_starts_with_the_deployments_environment(tmp_path):
-    """The Deployment's env, as is but for a loopback port and a temporary state file, and only the
-    image's packages importable: the probe path answers, the ServiceMonitor's path serves metrics,
-    and the Secret's token opens the command endpoints."""
+    """The Deployment's env, as is but for a loopback port, a temporary state file and a real token in
+    the Secret, and only the image's packages importable: the probe path answers, the ServiceMonitor's
+    path serves metrics, and the Secret's token opens the command endpoints."""
     container = containers(one("Deployment", "gradwatch-aggregator"))[0]
-    env = container_env(container)
+    env = aggregator_env(container)
     port = free_port()
     env.update(GRADWATCH_AGGREGATOR_HOST="127.0.0.1", GRADWATCH_AGGREGATOR_PORT=str(port),
                GRADWATCH_AGGREGATOR_STATE=str(tmp_path / "state.sqlite"),
@@ -340,6 +365,25 @@ def test_aggregator_starts_with_the_deployments_environment(tmp_path):
             assert r.status == 200
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("token", ["REPLACE-ME-placeholder-not-a-secret", "fifteen-chars!!"])
+def test_placeholder_or_short_token_is_refused_at_start_up(token, tmp_path, monkeypatch, capsys):
+    """Applying the kustomization with the Secret unchanged must not open halt/scale-LR to every pod:
+    `gradwatch aggregator` exits before serving, with one clear reason and without echoing the token."""
+    container = containers(one("Deployment", "gradwatch-aggregator"))[0]
+    env = container_env(container)
+    if token.startswith("REPLACE-ME"):
+        assert env["GRADWATCH_AGGREGATOR_TOKEN"] == token  # what deploy/kubernetes ships
+    env.update(GRADWATCH_AGGREGATOR_TOKEN=token, GRADWATCH_AGGREGATOR_STATE=str(tmp_path / "state.sqlite"),
+               GRADWATCH_AGGREGATOR_PORT=str(free_port()), GRADWATCH_AGGREGATOR_HOST="127.0.0.1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert gradwatch_main(["aggregator"]) == 2
+    err = capsys.readouterr().err
+    assert "token" in err and ("placeholder" if token.startswith("REPLACE-ME") else "at least 16") in err, err
+    assert token not in err
+    assert not (tmp_path / "state.sqlite").exists()
 
 
 # ---- compose ------------------------------------------------------------------------------------
@@ -372,7 +416,7 @@ def mounted_config(service: str, flag: str) -> tuple[Path, PurePosixPath]:
 
 def aggregator_settings() -> AggregatorSettings:
     env = dict(dockerfile_env())
-    env.update({k: re.sub(r"\$\{[^}]*\}", "compose-token", v) for k, v in SERVICES["aggregator"]["environment"].items()})
+    env.update({k: re.sub(r"\$\{[^}]*\}", "compose-token-of-32-characters!", v) for k, v in SERVICES["aggregator"]["environment"].items()})
     return settings_from_env(AggregatorSettings, env)
 
 
