@@ -223,13 +223,32 @@ class HealthAgent:
         not write (Lightning, the HF Trainer, `gradwatch run --auto-attach`). The closure, if any, runs
         first (forward and backward, as `torch.optim` does) and its value is returned; the step's loss
         is `loss()` if given (an adapter that gathered it over micro-batches), else the closure's
-        value. The call then measures, guards and steps exactly like `agent.step`. Idempotent."""
+        value. The call then measures, guards and steps exactly like `agent.step`; keyword arguments
+        of the step reach the optimizer's own step. Idempotent.
+
+        An optimizer whose step requires a closure (LBFGS re-evaluates the loss inside its step) is
+        returned unwrapped: its step cannot run once the closure has already been consumed."""
+        import inspect
+
         optimizer = optimizer or self.optimizer
         if optimizer is None:
             raise TypeError("HealthAgent.wrap needs the optimizer (pass it here or to HealthAgent(...))")
         if getattr(optimizer, "_gradwatch_original_step", None) is not None:
             return optimizer
         original = optimizer.step
+        try:
+            closure_param = inspect.signature(original).parameters.get("closure")
+        except (TypeError, ValueError):  # no signature to read (a builtin): assume torch's contract
+            closure_param = None
+        if closure_param is not None and closure_param.default is inspect.Parameter.empty:
+            if "wrap-closure" not in self._warned:
+                self._warned.add("wrap-closure")
+                log.warning("gradwatch: %s.step needs a closure; not measured", type(optimizer).__name__)
+            return optimizer
+        call_kwargs: dict[str, Any] = {}  # this call's keyword arguments, for agent.step's raw step
+
+        def run_original() -> Any:
+            return original(**call_kwargs)
 
         def step(_optimizer: Any, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
             if self._in_step:  # GradScaler.step -> optimizer.step inside agent.step: the real step
@@ -239,14 +258,18 @@ class HealthAgent:
                 with torch.enable_grad():
                     returned = closure()
             value = loss() if loss is not None else returned
-            result = self.step(optimizer, loss=value if isinstance(value, (torch.Tensor, float, int)) else None)
+            call_kwargs.update(kwargs)
+            try:
+                result = self.step(optimizer, loss=value if isinstance(value, (torch.Tensor, float, int)) else None)
+            finally:
+                call_kwargs.clear()
             return returned if closure is not None else result
 
         if getattr(original, "_wrapped_by_lr_sched", False):
             # An LR scheduler's step counter sits below this one and still runs: keep its marker, or
             # torch warns that optimizer.step was overridden after the scheduler was built.
             step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-        optimizer._gradwatch_original_step = original  # type: ignore[attr-defined]
+        optimizer._gradwatch_original_step = run_original  # type: ignore[attr-defined]
         # A bound method, as torch's own: an LR scheduler built later re-wraps `step.__func__`.
         optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
         _ATTACHED[optimizer] = self

@@ -26,6 +26,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker, inside the process group TorchTrainer set up (gloo on CPU)."""
     import ray.train
     import ray.train.torch
+    import ray.util
 
     from gradwatch.agent.integrations.ray_train import attach
 
@@ -35,8 +36,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.05))
     agent = attach(model, optimizer, **config.get("gradwatch", {}))
-    if rank == 0 and agent.metrics_port:
-        print(f"gradwatch metrics: http://127.0.0.1:{agent.metrics_port}/metrics", flush=True)
+    if rank == 0 and agent.metrics_port:  # world rank 0 may run on any node of the cluster: name that node
+        node = ray.util.get_node_ip_address()
+        print(f"gradwatch metrics: http://{node}:{agent.metrics_port}/metrics", flush=True)
 
     out: Optional[str] = config.get("out")
     data = torch.Generator().manual_seed(1 + rank)  # each worker its own shard

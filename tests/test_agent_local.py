@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 
@@ -457,3 +458,58 @@ def test_wrap_coexists_with_lr_schedulers_built_before_or_after(recwarn):
         assert agent.step_count == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.025)
         agent.close()
     assert not [w for w in recwarn if "lr_scheduler" in str(w.message) or "overridden" in str(w.message)]
+
+
+def test_wrapped_step_passes_keyword_arguments_through():
+    """`opt.step(**kwargs)` on a wrapped optimizer: the keywords reach the optimizer's own step
+    (they were dropped), and the step is still measured."""
+
+    class ScaledSGD(torch.optim.SGD):
+        seen: list = []
+
+        def step(self, closure=None, *, lr_scale: float = 1.0):
+            self.seen.append(lr_scale)
+            for group in self.param_groups:
+                group["lr"] *= lr_scale
+            try:
+                return super().step(closure)
+            finally:
+                for group in self.param_groups:
+                    group["lr"] /= lr_scale
+
+    model = nn.Linear(4, 1)
+    opt = ScaledSGD(model.parameters(), lr=0.1)
+    agent = HealthAgent(model, opt, metrics_port=None, activation_every=0)
+    agent.wrap()
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    before = model.weight.detach().clone()
+    grad = model.weight.grad.detach().clone()
+    opt.step(lr_scale=2.0)
+    assert ScaledSGD.seen == [2.0] and torch.allclose(model.weight, before - 0.2 * grad)  # lr 0.1 * 2
+    assert agent.step_count == 1
+    agent.close()
+
+
+def test_wrap_leaves_an_optimizer_that_needs_a_closure_unwrapped(caplog):
+    """LBFGS's step requires a closure (it re-evaluates the loss): wrapping it would break
+    `opt.step(closure)`, so wrap returns it as it is and says so once."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    agent = HealthAgent(model, opt, metrics_port=None, activation_every=0)
+    original = opt.step
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        assert agent.wrap() is opt and agent.wrap(opt) is opt
+    assert opt.step == original and getattr(opt, "_gradwatch_original_step", None) is None
+    assert [r.getMessage() for r in caplog.records].count("gradwatch: LBFGS.step needs a closure; not measured") == 1
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    first = float(opt.step(closure).detach())
+    assert float(closure()) < first and agent.step_count == 0
+    agent.close()

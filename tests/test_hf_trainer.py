@@ -159,3 +159,47 @@ def test_ddp_two_ranks_loss_and_norm_as_the_trainer_logs(tmp_path):
         assert a["gradwatch_loss"] == pytest.approx(a["trainer_loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(a["trainer_grad_norm"], rel=1e-5)
         assert (a["gradwatch_loss"], a["grad_norm"]) == (b["gradwatch_loss"], b["grad_norm"])
+
+
+def test_fp16_accelerated_optimizer_overflow_and_guard_skip_keep_the_scaler_consistent():
+    """accelerate's fp16 optimizer (its step runs scaler.step and scaler.update), routed, guard mode,
+    stepped as the Trainer does (unscale_ for clipping, then step): a real NaN step is skipped by the
+    agent and the scaler stays usable; an fp16 overflow (finite loss, inf scaled gradients) is the
+    scaler's own skip, not a non-finite step."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from gradwatch.agent.integrations.routing import route_step
+
+    Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), scaler=scaler)
+    agent = HealthAgent(model, opt, mode="guard", metrics_port=None, activation_every=0)
+    losses: list[torch.Tensor] = []
+    route_step(agent, opt, lambda: losses.pop() if losses else None)
+
+    def train_step(x: torch.Tensor) -> bool:
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = model(x).pow(2).mean()
+        losses.append(loss.detach())
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt.optimizer)  # what the Trainer's gradient clipping does
+        opt.step()
+        opt.zero_grad()
+        return any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+    x = torch.randn(16, 4)
+    assert train_step(x)
+    assert not train_step(torch.full((16, 4), float("inf")))  # real non-finite: the guard skips
+    assert agent.state.skipped_steps_total["nonfinite"] == 1 and agent.nan_origin is not None
+    assert train_step(x)  # without update() after the skip, unscale_ raised "already been called"
+    scaler.update(2.0**127)  # the next scaled gradients overflow fp32; the loss stays finite
+    nonfinite = agent.state.nonfinite_steps_total
+    assert not train_step(x * 100)
+    assert opt.step_was_skipped and scaler.get_scale() < 2.0**127  # GradScaler skipped it and backed off
+    assert agent.state.skipped_steps_total["amp_overflow"] == 1 and agent.state.nonfinite_steps_total == nonfinite
+    assert agent.state.skipped_steps_total["nonfinite"] == 1 and agent.last_stats.extra.get("amp_overflow")
+    assert train_step(x) and agent.step_count == 5
+    agent.close()

@@ -202,6 +202,17 @@ def test_a_missing_command_is_named():
     assert done.returncode == 127 and "command not found: no-such-trainer-xyz" in done.stderr
 
 
+def test_a_command_that_cannot_be_executed_is_named(tmp_path: Path):
+    """Executable bit set, but no shebang and not a binary: execve fails with ENOEXEC; one line and
+    126 (as a shell does), not a traceback."""
+    bogus = tmp_path / "not-a-program"
+    bogus.write_bytes(b"\x00\x01\x02 not a program\n")
+    bogus.chmod(0o755)
+    done = subprocess.run(gradwatch_run("--", str(bogus)), env=child_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 126, done.stderr
+    assert f"cannot execute {bogus}: Exec format error" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_sitecustomize_is_package_data_found_through_importlib_resources(tmp_path: Path):
     from gradwatch.agent.integrations import launch
 
@@ -218,3 +229,35 @@ def test_sitecustomize_is_package_data_found_through_importlib_resources(tmp_pat
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("gradwatch-*.whl")
     assert "gradwatch/agent/integrations/autoattach_site/sitecustomize.py" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_auto_attach_closes_its_agent_when_the_agreement_fails(monkeypatch, capsys):
+    """The one all-reduce that agrees on attaching raises (a broken group): the agent already built
+    is closed (its metrics port freed, its hooks gone), nothing is routed, training goes on."""
+    import socket
+    import weakref
+
+    import torch
+
+    from gradwatch.agent import HealthAgent
+    from gradwatch.agent.integrations import autoattach
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(autoattach, "_models", [weakref.ref(model)])
+    monkeypatch.setenv("GRADWATCH_METRICS_PORT", "0")
+    ports: list = []
+    real_close = HealthAgent.close
+    monkeypatch.setattr(HealthAgent, "close", lambda self: (ports.append(self.metrics_port), real_close(self)))
+
+    def broken_group(ok: bool) -> bool:
+        raise RuntimeError("Connection reset by peer")  # what gloo raises when a peer died
+
+    monkeypatch.setattr(autoattach, "_all_ranks_ok", broken_group)
+    autoattach._decide(opt)
+    assert len(ports) == 1 and ports[0]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ports[0]), timeout=2).close()  # the port is free again
+    assert getattr(opt, "_gradwatch_original_step", None) is None and autoattach._state["agent"] is None
+    assert not any(m._forward_hooks for m in model.modules())
+    assert "training goes on unmonitored on every rank" in capsys.readouterr().err

@@ -215,3 +215,25 @@ def test_lightning_clipping_is_reported(caplog):
     assert callback.agent.step_count == 3 and callback.agent.last_stats.grad_norm <= 1e-3 * (1 + 1e-5)
     assert sum("gradwatch measures clipped norms" in r.getMessage() for r in caplog.records) == 1
 
+
+
+def test_fp16_overflow_skipped_by_gradscaler_leaves_no_stale_loss():
+    """16-mixed, guard mode, a NaN batch: GradScaler finds inf gradients and skips the step itself,
+    without calling the routed step. Its NaN loss must not leak into the next step's loss (a false
+    'first non-finite loss', and a healthy step skipped by the guard)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    ex = load_example()
+    _, model, loader, steplog = ex.build(ex.parse(["--max-steps", "5", "--nan-at-step", "2"]))
+    gradwatch = GradwatchCallback(metrics_port=None, activation_every=0, mode="guard", guard_warmup_steps=5)
+    steplog.gradwatch = gradwatch
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=5, callbacks=[gradwatch, steplog],
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader)
+    agent = gradwatch.agent
+    assert scaler.get_scale() < 1024.0  # GradScaler backed off: it skipped the NaN step itself
+    assert agent.step_count == 4 and agent.nan_origin is None
+    assert sum(agent.state.skipped_steps_total.values()) == 0 and agent.state.nonfinite_steps_total == 0
+    assert all(r["gradwatch_loss"] is not None and r["gradwatch_loss"] == r["gradwatch_loss"] for r in steplog.steps)

@@ -28,10 +28,14 @@ def test_aggregator_imports_without_torch():
     assert result.returncode == 0, result.stderr
 
 
-def test_agent_imports_without_service_dependencies():
-    service = {"ray", "fastapi", "grafana_client", "uvicorn", "httpx", "yaml"}
-    # the agent embeds the rules evaluator (pydantic only): that works without the service's deps too
+def test_agent_imports_without_service_dependencies_or_frameworks():
+    service = {"ray", "fastapi", "grafana_client", "uvicorn", "httpx", "yaml",
+               "lightning", "pytorch_lightning", "transformers", "accelerate"}
+    # the agent embeds the rules evaluator (pydantic only): that works without the service's deps too;
+    # the framework-free integrations (auto-attach, the launcher, step routing) need no framework either
     code = ("import sys, gradwatch.agent, gradwatch.agent.alerting\n"
+            "import gradwatch.agent.integrations.autoattach, gradwatch.agent.integrations.launch\n"
+            "import gradwatch.agent.integrations.routing\n"
             "from gradwatch.aggregator.evaluate import RuleEngine\nfrom gradwatch.aggregator.rules import RuleSet\n"
             "RuleEngine(RuleSet()).evaluate(0.0)\n"
             f"print(sorted(m for m in {sorted(service)!r} if m in sys.modules))")

@@ -12,7 +12,7 @@ Installed in each rank process by the launcher's sitecustomize. It patches, and 
 Every input to that decision (the module structure, which optimizer steps first) is the same on
 every rank, so every rank decides alike at the same step. The one thing that may differ - whether
 the agent could be built - is agreed in a single all-reduce, once, so either every rank measures
-or none does. A script that made its own `HealthAgent` is left alone (`attached_agent`).
+or none does (if that all-reduce itself fails, none does, and the agent built is closed). A script that made its own `HealthAgent` is left alone (`attached_agent`).
 
 Limits: the first optimizer step is taken before the agent exists and is not measured; the loss
 is the last `backward()` of the step (the last micro-batch under gradient accumulation), and is
@@ -167,16 +167,19 @@ def _owner(optimizer: torch.optim.Optimizer) -> Optional[torch.nn.Module]:
     return best
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    param = next(model.parameters())
-    return param.to_local().device if hasattr(param, "to_local") else param.device
+def _backend_device() -> torch.device:
+    """Where the default group's collectives take tensors: NCCL the current CUDA device, else the
+    host (a model's first parameter may sit elsewhere: CPU offload, meta, another device)."""
+    if "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
+def _all_ranks_ok(ok: bool) -> bool:
     """One MIN all-reduce, once per process: every rank attaches, or none does."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    flag = torch.tensor([1.0 if ok else 0.0], device=_backend_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -195,7 +198,12 @@ def _decide(optimizer: torch.optim.Optimizer) -> None:
         agent = HealthAgent.from_env(model, optimizer)
     except Exception as exc:
         log.error("gradwatch: auto-attach could not build the agent on rank %d: %r", _rank(), exc)
-    if not _all_ranks_ok(agent is not None, _device(model)):
+    try:
+        everyone = _all_ranks_ok(agent is not None)
+    except Exception as exc:  # the agreement itself failed: attach nowhere, and free what was built
+        log.error("gradwatch: auto-attach could not agree with the other ranks on rank %d: %r", _rank(), exc)
+        everyone = False
+    if not everyone:
         if agent is not None:
             agent.close()
         _say("auto-attach failed on some rank; training goes on unmonitored on every rank")

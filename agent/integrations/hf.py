@@ -6,7 +6,9 @@ through the agent (`routing.route_step`). The Trainer clips gradients (`max_grad
 unscales fp16 gradients), calls `on_pre_optimizer_step`, then `optimizer.step()`: there the agent
 measures, decides (guard: skip a non-finite step on every rank, clip a spike) and calls the
 `AcceleratedOptimizer.step` it replaced - or does not. Routing the outer object, not the torch
-optimizer inside it, keeps accelerate's GradScaler handling intact (it swaps the inner `step`).
+optimizer inside it, keeps accelerate's GradScaler handling intact (it swaps the inner `step`);
+under fp16 an overflow is GradScaler's own skip, and a step the agent skips still updates the
+scaler (`routing.route_step`).
 
 Callbacks are not given the loss, so the callback reads it where the Trainer gets it: the `loss`
 of the model's output, from a forward hook, for every training micro-batch (grad enabled). The step's

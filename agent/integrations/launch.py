@@ -69,7 +69,8 @@ def launch_env(
 
 def run(args: argparse.Namespace) -> int:
     """`gradwatch run` (its options are declared in aggregator/cli.py, which must import without
-    torch): validate, then exec the command. Returns only on an error: 2 bad input, 127 not found."""
+    torch): validate, then exec the command. Returns only on an error: 2 bad input, 127 not found,
+    126 found but not executable (as a shell does)."""
     try:
         return _run(args)
     except (LaunchError, ValidationError) as exc:
@@ -91,5 +92,9 @@ def _run(args: argparse.Namespace) -> int:
         return 127
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(executable, command, env)
+    try:
+        os.execve(executable, command, env)
+    except OSError as exc:  # found but not runnable: not executable, no shebang, a wrong-arch binary
+        print(f"gradwatch: cannot execute {executable}: {exc.strerror or exc}", file=sys.stderr)
+        return 126
     return 0  # pragma: no cover - execve does not return

@@ -10,7 +10,8 @@ spike) and steps - or does not. The same holds for:
   loss of every micro-batch is collected at `on_before_backward` and the step's loss is their mean;
 - AMP with a GradScaler (`16-mixed`): Lightning unscales before `on_before_optimizer_step` and
   calls `scaler.step(optimizer)`, which calls the routed step unless it found an overflow (a step
-  GradScaler skips itself, which the agent then does not see); the scaled loss is unscaled here;
+  GradScaler skips itself, which the agent then does not see; its losses are dropped when the next
+  accumulation window starts); the scaled loss is unscaled here;
 - manual optimization: `opt.step()` reaches the same routed step, once per call.
 Strategies that step the optimizer themselves (DeepSpeed) are not supported.
 
@@ -76,6 +77,12 @@ class GradwatchCallback(pl.Callback):
                         "gradwatch measures clipped norms; for raw norms drop it and let the guard clip "
                         "(mode='guard', guard_max_norm=...)", trainer.gradient_clip_val)
         route_step(self.agent, optimizers[0], self._step_loss)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # A new accumulation window. Losses the routed step did not take are dropped here: under
+        # 16-mixed, GradScaler skips an overflowing step without calling it.
+        if pl_module.automatic_optimization and batch_idx % max(trainer.accumulate_grad_batches, 1) == 0:
+            self._losses = []
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if not self._owned:
