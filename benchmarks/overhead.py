@@ -8,9 +8,10 @@ for `--steps` timed steps after a warm-up, and the report gives the median step 
 its ratio to the plain step measured in the same run:
 
   baseline       optimizer.step(), nothing else
-  grad           gradwatch, per-layer gradient and weight stats every step (no activations, no update ratio)
+  grad           gradwatch, per-layer gradient stats every step; max-abs and weight norms every 10 steps
+                 (detail_every's default); no activations, no update ratio
   grad+act/10    ... plus activation statistics every 10 steps
-  everything     gradwatch, gradients + activations + update ratio every step
+  everything     gradwatch, gradients + activations + update ratio every step (detail every 10)
   guard          gradwatch mode "guard" (stats every step, skip/clip decisions)
   peer-loop      what users write by hand: norm + .item() per parameter, every step (equal coverage to `grad`)
   peer-wandb     wandb.watch(model, log="all", log_freq=1), offline, on rank 0 (gradient and weight histograms)

@@ -180,3 +180,22 @@ def test_live_view_renders_alerts_commands_and_pages_on_a_terminal():
             assert "1 steps skipped, 1 clipped" in text and "pages delivered   1" in text, text
         else:
             assert "page delivered to training-pager" in text
+
+
+def test_a_server_that_fails_to_start_is_a_clear_error_and_leaves_nothing(tmp_path: Path):
+    """A broken Prometheus on PATH: the demo says which server failed and its log (exit 2, no traceback)
+    and stops what it had started."""
+    require("prometheus-alertmanager")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "prometheus").write_text("#!/bin/sh\necho 'err: cannot open storage' >&2\nexit 1\n")
+    (bin_dir / "prometheus").chmod(0o755)
+    (bin_dir / "prometheus-alertmanager").symlink_to(require("prometheus-alertmanager"))
+    out = tmp_path / "demo-out"
+    run = subprocess.run([*GRADWATCH, "demo", "--stack", "full", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}"})
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    text = " ".join(run.stdout.split())
+    assert "the stack did not start: prometheus exited with code 1" in text and "Traceback" not in run.stdout + run.stderr
+    time.sleep(0.5)
+    assert survivors(str(out)) == []  # Alertmanager, started first, was stopped
