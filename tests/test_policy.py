@@ -13,6 +13,7 @@ from pathlib import Path
 from gradwatch.aggregator.commands import Ack
 from gradwatch.aggregator.evaluate.alerts import FIRING, Alert, Transition
 from gradwatch.aggregator.evaluate.interpreter import Sample
+from gradwatch.aggregator.rules.promql import render
 from gradwatch.aggregator.rules.specs import PolicySpec
 from gradwatch.aggregator.service.command_store import CommandStore
 from gradwatch.aggregator.service.policy import Policy
@@ -24,8 +25,8 @@ class RecentNorms:
     def __init__(self, value: float) -> None:
         self.value, self.queries = value, []
 
-    def query(self, promql: str, at: float) -> list[Sample]:
-        self.queries.append(promql)
+    def query(self, expr, at: float) -> list[Sample]:
+        self.queries.append(expr if isinstance(expr, str) else render(expr))  # the PromQL Prometheus would be sent
         return [Sample((("job", "j"),), self.value)]
 
 
@@ -46,7 +47,7 @@ def test_policy_defaults_floor_rate_limit_and_dry_run(tmp_path: Path):
     assert kinds(store) == []  # page only
     policy.react([fired("exploding_gradient"), fired("exploding_gradient", layer="fc2")], now)
     assert kinds(store) == [("set_clip_norm", 123.0)]  # one command per job per round
-    assert 'quantile_over_time(0.5, gradwatch_grad_norm{job="j"}[600s])' in norms.queries[0]
+    assert norms.queries[0] == 'quantile_over_time(0.5, gradwatch_grad_norm{job="j"}[10m])'
     policy.react([fired("exploding_gradient", layer="fc3")], now + 1)  # same incident, clip not applied yet
     assert kinds(store) == [("set_clip_norm", 123.0)]
     store.acknowledge(store.commands("j")[0].id, Ack(step=7))
