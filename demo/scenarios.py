@@ -24,15 +24,37 @@ class Setup:
     poison: Optional[nn.Module] = None  # nan: the module whose output turns NaN on rank 1 at the fault step
 
 
-def _regression(n: int = 1000, features: int = 10, seed: int = 42) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed 003's data, as scikit-learn's make_regression builds it: coefficients in [0, 100)."""
+def regression_data(n_samples: int = 1000, n_features: int = 10, noise: float = 0.1, seed: int = 42) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed 003's data, built like scikit-learn's make_regression: standard-normal features, an
+    unscaled target whose coefficients are uniform in [0, 100) (so |y| reaches the hundreds)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, features, generator=g)
-    y = x @ (100 * torch.rand(features, 1, generator=g)) + 0.1 * torch.randn(n, 1, generator=g)
+    x = torch.randn(n_samples, n_features, generator=g)
+    coef = 100 * torch.rand(n_features, 1, generator=g)
+    y = x @ coef + noise * torch.randn(n_samples, 1, generator=g)
     return x, y
 
 
-def _mixed_mlp() -> nn.Sequential:
+def seed003_model() -> nn.Sequential:
+    """Seed 003's regressor: Linear(10, 15), ReLU, Linear(15, 1), seeded."""
+    torch.manual_seed(11)
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(10, 15))
+    model.add_module("act", nn.ReLU())
+    model.add_module("fc2", nn.Linear(15, 1))
+    return model
+
+
+def sigmoid_stack(depth: int = 10, width: int = 50) -> nn.Sequential:
+    """Seed 001: Linear+Sigmoid blocks with N(0, 1) weights (too large: the sigmoids saturate)."""
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Sigmoid()) for _ in range(depth)])
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0)
+    return net
+
+
+def mixed_mlp() -> nn.Sequential:
+    """A small MLP with the module kinds the agent treats differently (norm, ReLU, tanh, sigmoid)."""
     return nn.Sequential(
         nn.Linear(12, 32), nn.LayerNorm(32), nn.ReLU(),
         nn.Linear(32, 32), nn.Tanh(),
@@ -46,18 +68,10 @@ def build(name: str) -> Setup:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     if name == "exploding":
-        torch.manual_seed(11)
-        model = nn.Sequential()
-        model.add_module("fc1", nn.Linear(10, 15))
-        model.add_module("act", nn.ReLU())
-        model.add_module("fc2", nn.Linear(15, 1))
-        x, y = _regression()
-        return Setup(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.01), x, y)
+        x, y = regression_data()
+        return Setup(seed003_model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.01), x, y)
     if name == "vanishing":
-        model = nn.Sequential(*[nn.Sequential(nn.Linear(50, 50), nn.Sigmoid()) for _ in range(30)])
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        model = sigmoid_stack(depth=30)
         x, y = torch.randn(256, 50, generator=g), torch.rand(256, 50, generator=g)
         return Setup(model, lambda m: torch.optim.SGD(m.parameters(), lr=1e-3), x, y)
     if name == "dead-relu":
@@ -66,7 +80,7 @@ def build(name: str) -> Setup:
         y = torch.sin(x[:, :4].sum(1, keepdim=True))
         return Setup(model, lambda m: torch.optim.Adam(m.parameters(), lr=0.1), x, y)
     if name in ("nan", "healthy"):
-        model = _mixed_mlp()
+        model = mixed_mlp()
         x = torch.randn(512, 12, generator=g)
         y = torch.tanh(x[:, :4]) + 0.05 * torch.randn(512, 4, generator=g)
         return Setup(model, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), x, y,

@@ -86,7 +86,10 @@ def test_each_scenario_raises_what_it_should_and_nothing_when_healthy(tmp_path: 
         assert fired(summary) == set(), summary.alerts
     assert summary.expected_alerts == list(EXPECTED_ALERTS[scenario])
     if scenario == "exploding":  # what `make demo` runs on a machine without Prometheus: the loop still closes
-        assert {"set_clip_norm", "scale_lr"} <= {c.kind for c in summary.commands if c.outcome == "applied"}, summary.commands
+        # the policy's first answer is the clip; the LR cut follows only if exploding fires again after the
+        # clip was applied, which depends on where the scrapes fall - not asserted
+        applied = [c for c in summary.commands if c.outcome == "applied"]
+        assert applied and applied[0].kind == "set_clip_norm" and {c.kind for c in applied} <= {"set_clip_norm", "scale_lr"}, applied
         assert summary.nan_origin is None and summary.final_loss is not None and math.isfinite(summary.final_loss)
     if scenario == "vanishing":  # the early layers, not the late ones
         layers = {a.labels["layer"] for a in summary.alerts if a.alertname == "GradwatchVanishingGradient"}
@@ -96,8 +99,8 @@ def test_each_scenario_raises_what_it_should_and_nothing_when_healthy(tmp_path: 
 @pytest.mark.multiproc
 def test_full_stack_pages_a_human_and_the_loop_fixes_the_exploding_run(tmp_path: Path):
     """Seed 003 on the full stack: Prometheus scrapes rank 0, the aggregator fires, Alertmanager pages
-    (critical -> the pager receiver), the policy clips and halves the LR on every rank, and the run
-    ends finite."""
+    (critical -> the pager receiver), the policy clips on every rank (and halves the LR if exploding
+    fires again after the clip), and the run ends finite."""
     require("prometheus")
     run, summary = demo(tmp_path, "--scenario", "exploding", "--stack", "full", "--steps", "50")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -105,7 +108,7 @@ def test_full_stack_pages_a_human_and_the_loop_fixes_the_exploding_run(tmp_path:
     paged = {(p.receiver, p.alertname) for p in summary.pages if p.status == "firing"}
     assert ("training-pager", "GradwatchExplodingGradient") in paged, summary.pages
     kinds = [c.kind for c in summary.commands if c.outcome == "applied"]
-    assert "set_clip_norm" in kinds and "scale_lr" in kinds, summary.commands
+    assert kinds and kinds[0] == "set_clip_norm" and set(kinds) <= {"set_clip_norm", "scale_lr"}, summary.commands
     first_alert = min(a.step for a in summary.alerts if a.alertname == "GradwatchExplodingGradient")
     assert all(c.step >= first_alert for c in summary.commands)  # the command answered the alert
     assert summary.nan_origin is None and summary.final_loss is not None and math.isfinite(summary.final_loss)
