@@ -109,10 +109,10 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     export.add_argument("--format", choices=sorted(FORMATS), default="rulefile",
                         help="rulefile: Prometheus rule file; prometheusrule: Kubernetes PrometheusRule (Prometheus Operator)")
-    export.set_defaults(run=_rules_export)
+    export.set_defaults(run=_rules_export, extra="aggregator")
     check = rules.add_parser("check", help="validate a rules YAML file")
     check.add_argument("file", type=Path)
-    check.set_defaults(run=_rules_check)
+    check.set_defaults(run=_rules_check, extra="aggregator")
 
     agg = sub.add_parser("aggregator", help="evaluate rules against Prometheus and page through Alertmanager")
     agg.add_argument("--rules", type=Path)
@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
     agg.add_argument("--resend-interval", dest="resend_interval")
     agg.add_argument("--max-backoff", dest="max_backoff")
     agg.add_argument("--external-url", dest="external_url")
-    agg.set_defaults(run=_aggregator)
+    agg.set_defaults(run=_aggregator, extra="aggregator")
 
     sig = sub.add_parser("signal", help="send a remediation command to every rank of a job")
     sig.add_argument("--job", required=True)
@@ -136,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     sig.add_argument("--reason", help="kept in the audit log (required for halt)")
     sig.add_argument("--ttl", type=int, default=600, help="seconds before an unapplied command is dropped")
     sig.add_argument("--aggregator-url", default=os.environ.get("GRADWATCH_AGGREGATOR_URL", "http://127.0.0.1:9095"))
-    sig.set_defaults(run=_signal)
+    sig.set_defaults(run=_signal, extra="aggregator")
 
     run = sub.add_parser("run", help="run a training command with the agent configured on every rank (GRADWATCH_* env)")
     run.add_argument("--job", help="job name, the `job` label of every series")
@@ -146,13 +146,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--auto-attach", dest="auto_attach", action="store_true",
                      help="instrument an unmodified script: its DDP/FSDP model and optimizer (docs/integrations.md)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
-    run.set_defaults(run=_run)
+    run.set_defaults(run=_run, extra="agent")
 
     from gradwatch.demo.cli import add_arguments as add_demo_arguments, run as run_demo  # argparse only; torch loads on use
 
     demo = sub.add_parser("demo", help="a real 2-rank training job with a fault, the full stack, a live view and a summary")
     add_demo_arguments(demo)
-    demo.set_defaults(run=run_demo)
+    demo.set_defaults(run=run_demo, extra="demo")
 
     from gradwatch.dashboards.cli import add_parser as add_dashboards  # argparse only; the Grafana SDK loads on use
 
@@ -172,6 +172,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except (OSError, sqlite3.Error) as exc:
         print(f"gradwatch: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # each sub-command's dependencies are an extra; say which one
+        print(f"gradwatch: {exc.name or exc} is not installed: pip install 'gradwatch[{args.extra}]'", file=sys.stderr)
         return 2
 
 

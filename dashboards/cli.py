@@ -7,7 +7,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable
 
 from . import JSON_DIR
 
@@ -61,17 +60,6 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _needs_extra(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A missing optional dependency becomes one line naming the extra to install."""
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except ImportError as exc:
-            print(f"gradwatch: {exc.name or exc} is not installed: pip install 'gradwatch[dashboards]'", file=sys.stderr)
-            return 2
-    return wrapped
-
-
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     dash = sub.add_parser("dashboards", help="Grafana dashboards: export the JSON or push it to Grafana")
     cmds = dash.add_subparsers(dest="dashboards_command", required=True)
@@ -79,10 +67,10 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     export.add_argument("-o", "--output", type=Path, default=None,
                         help=f"directory (default: ./{CHECKOUT_JSON} when run from the repository root; required elsewhere)")
     export.add_argument("--check", action="store_true", help="write nothing; exit 1 if the JSON there is stale")
-    export.set_defaults(run=_needs_extra(_export))
+    export.set_defaults(run=_export, extra="dashboards")
     push = cmds.add_parser("push", help="upload the dashboards to Grafana (HTTP API, overwrite by uid)")
     push.add_argument("--grafana-url", required=True, help="e.g. http://grafana:3000")
     push.add_argument("--token", default=os.environ.get("GRAFANA_TOKEN"), help="service-account token (default: $GRAFANA_TOKEN)")
     push.add_argument("--folder", default="gradwatch", help="Grafana folder, created if missing (default: gradwatch)")
     push.add_argument("--dir", type=Path, default=JSON_DIR, help="dashboard JSON to upload (default: the packaged JSON)")
-    push.set_defaults(run=_needs_extra(_push))
+    push.set_defaults(run=_push, extra="dashboards")

@@ -202,3 +202,20 @@ def test_a_server_that_fails_to_start_is_a_clear_error_and_leaves_nothing(tmp_pa
     assert "the stack did not start: prometheus exited with code 1" in text and "Traceback" not in run.stdout + run.stderr
     time.sleep(0.5)
     assert survivors(str(out)) == []  # Alertmanager, started first, was stopped
+
+
+def test_without_the_demo_extra_it_names_the_extra_to_install(tmp_path: Path):
+    """The `gradwatch` command line builds the demo's parser without rich or matplotlib; running the demo
+    without them is one line naming the extra, not a traceback."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'rich': raise ImportError(name, name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from gradwatch.aggregator.cli import main\n"
+        f"sys.exit(main(['demo', '--out', {str(tmp_path)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "gradwatch: rich is not installed: pip install 'gradwatch[demo]'\n"
