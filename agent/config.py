@@ -31,8 +31,8 @@ class AgentConfig(BaseSettings):
         10, ge=0, description="Full activation statistics every N steps (0 = no activation hooks)."
     )
     detail_every: int = Field(
-        10, ge=1, description="Per-layer weight norms and gradient max-abs every N steps (each is a pass over every parameter; "
-        "gradient L2 norms and the non-finite check run on every measured step)."
+        10, ge=1, description="Per-layer weight norms and gradient max-abs on measured steps that are multiples of N (each is a "
+        "pass over every parameter; gradient L2 norms and the non-finite check run on every measured step)."
     )
     update_ratio_every: int = Field(
         10, ge=0, description="Measure ||dw||/||w|| of every N-th step (0 = never); costs one copy of the local parameters for one step."

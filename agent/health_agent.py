@@ -447,9 +447,11 @@ class HealthAgent:
     def _measured(self, step: int) -> bool:
         if self.guard is not None or self._clip_norm is not None or self._skip_left > 0:
             return True  # skip/clip decisions need every step's reduced norm (and GradScaler its unscale_)
-        return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step) or self._detail_due(step)
+        return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step)
 
     def _detail_due(self, step: int) -> bool:
+        """Max-abs and weight norms ride on a measured step whose number is a multiple of detail_every;
+        they never add a measured step (a collective and a sync) of their own."""
         return step % self.config.detail_every == 0
 
     # ---- measuring ----------------------------------------------------------------------------

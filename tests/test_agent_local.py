@@ -513,3 +513,22 @@ def test_wrap_leaves_an_optimizer_that_needs_a_closure_unwrapped(caplog):
     first = float(opt.step(closure).detach())
     assert float(closure()) < first and agent.step_count == 0
     agent.close()
+
+
+def test_detail_steps_ride_on_measured_steps_and_add_none():
+    """detail_every picks which measured steps also carry max-abs and weight norms; with stats_every=4 it
+    must not add a measured step (a collective and a sync) at step 10: details at steps 0 and 20 only."""
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = HealthAgent(model, opt, metrics_port=None, stats_every=4, detail_every=10, activation_every=0, update_ratio_every=0)
+    detailed = {}
+    for step in range(24):
+        model(torch.randn(8, 12)).sum().backward()
+        agent.step(opt)
+        opt.zero_grad()
+        if agent.last_stats is not None and agent.last_stats.step == step:
+            detailed[step] = agent.last_stats.layer_weight_norm is not None
+    assert detailed == {0: True, 4: False, 8: False, 12: False, 16: False, 20: True}
+    assert agent.counters.host_syncs == 6
+    agent.close()
