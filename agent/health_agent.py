@@ -21,6 +21,7 @@ same step and the collectives stay matched.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -31,16 +32,16 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
+from ..aggregator.commands import decode, encode
 from .activations import ActivationMonitor
 from .config import AgentConfig
 from .exporter import AgentState, MetricsServer
 from .grad_stats import GradStats
-from ..aggregator.commands import decode, encode
 from .guard import Decision, Guard
-from .remote import CommandClient
 from .layers import build_layer_plan
 from .packet import Counters, Entry, Packet, Reduce
 from .publisher import JsonlSink, Publisher
+from .remote import CommandClient
 from .stats import (
     RANK_FIELDS,
     RANK_INDEX,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from .alerting import EmbeddedRules
 
 log = logging.getLogger("gradwatch.agent")
+
 
 def _scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
@@ -228,8 +230,6 @@ class HealthAgent:
 
         An optimizer whose step requires a closure (LBFGS re-evaluates the loss inside its step) is
         returned unwrapped: its step cannot run once the closure has already been consumed."""
-        import inspect
-
         optimizer = optimizer or self.optimizer
         if optimizer is None:
             raise TypeError("HealthAgent.wrap needs the optimizer (pass it here or to HealthAgent(...))")

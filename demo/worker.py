@@ -25,16 +25,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..agent import HealthAgent, StepStats
 from ..agent.health_agent import HALT_EXIT_CODE
-from .events import EventWriter
 from .catalog import SLOW_START
+from .events import EventWriter
 from .scenarios import SCENARIOS, batch, build
 
 
 EVAL_EVERY = 10
-
-
-def _finite_or_none(value: Optional[float]) -> Optional[float]:
-    return value if value is not None and math.isfinite(value) else None
 
 
 def _worst_layer(stats: StepStats) -> Optional[str]:
@@ -106,7 +102,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if events is not None:
             agent.flush()
             last = agent.last_stats
-            events.write("end", steps=agent.step_count, final_loss=_finite_or_none(last.loss_mean) if last else None,
+            events.write("end", steps=agent.step_count, final_loss=last.loss_mean if last else None,
                          nan_origin=dataclasses.asdict(agent.nan_origin) if agent.nan_origin else None, halted=halted, time=time.time())
         time.sleep(args.linger)  # the last values stay up for a few scrapes
         agent.close()
