@@ -4,9 +4,10 @@
   1. unscales AMP gradients (if a GradScaler is passed), so statistics are of true gradients;
   2. computes per-layer gradient and weight statistics on the device, and folds in the activation
      statistics the forward hooks accumulated since the last step;
-  3. issues 0-2 collectives and 1 host copy (see packet.py) - the same on every rank, decided by the
-     step counter alone;
-  4. steps the optimizer (through the scaler, if any);
+  3. starts 0-2 collectives (see packet.py) - the same on every rank, decided by the step counter alone;
+  4. steps the optimizer (through the scaler, if any) while they run, then waits for them and makes
+     the step's 1 host copy. In mode guard, or with a clip command in force, it waits and copies
+     before stepping instead: those decide from the reduced values;
   5. hands the step's record to the exporter (rank 0) and to the background publisher.
 
 Costs per measured step (documented in docs/agent.md, counted in gradwatch_agent_* metrics):
@@ -118,6 +119,17 @@ def _ratio(update_sumsq: float, base_sumsq: float) -> float:
     return math.sqrt(update_sumsq / base_sumsq) if base_sumsq > 0 else float("nan")
 
 
+@dataclass
+class _InFlight:
+    """A measured step whose packet is being reduced."""
+
+    step: int
+    packet: Packet
+    works: list
+    amp: bool
+    seconds: float  # the agent's own time on this step so far
+
+
 class HealthAgent:
     """Measures training health on every rank; see the module docstring for what a step costs."""
 
@@ -146,7 +158,7 @@ class HealthAgent:
         self._clip_norm: Optional[float] = None  # set_clip_norm in force (identical on every rank)
         self._lr_factor = 1.0  # product of scale_lr factors in force (reset divides it back out)
         self._skip_left = 0  # skip_steps still to skip
-        self._incoming: list[float] = [0.0, 0.0, 0.0]  # [seq, kind code, value] reduced this step
+        self._arrived: list[list[float]] = []  # [seq, kind code, value] read from reduced packets, not yet applied
         self._sent: dict[int, Any] = {}  # rank 0: seq -> Command it put on the wire
         self._on_halt = on_halt
         self.commands_applied: list[AppliedCommand] = []  # every command taken from the wire, in order
@@ -291,24 +303,31 @@ class HealthAgent:
         if optimizer is None:
             raise TypeError("HealthAgent.step needs the optimizer (pass it here or to HealthAgent(...))")
         step = self._step
+        self._apply_commands(step, optimizer)  # read with an earlier step's packet (mode observe)
         measured = self._enabled["stats"] and self._measured(step)
-        if measured:
-            self._measure(step, optimizer, loss, scaler)
-        self._apply_command(step, optimizer)
+        in_flight = self._measure(step, optimizer, loss, scaler) if measured else None
+        if in_flight is not None and self._decides_from_stats():
+            self._finish(in_flight, optimizer)
+            in_flight = None
+            self._apply_commands(step, optimizer)  # read with this step's packet
         decision = self._decide(step)
         if self._enabled["stats"] and self._update_snapshot_due(step):
             self._guarded("stats", self._grads.take_snapshot)
         if decision.clip_to is not None:
             self._clip(optimizer, decision.clip_to)
-        if decision.skip:  # parameters and optimizer state (moments, step counts) untouched
-            result = None
-        else:
-            self._in_step = True
-            try:
-                raw = getattr(optimizer, "_gradwatch_original_step", None) or optimizer.step
-                result = scaler.step(optimizer) if scaler is not None else raw()
-            finally:
-                self._in_step = False
+        try:
+            if decision.skip:  # parameters and optimizer state (moments, step counts) untouched
+                result = None
+            else:
+                self._in_step = True
+                try:
+                    raw = getattr(optimizer, "_gradwatch_original_step", None) or optimizer.step
+                    result = scaler.step(optimizer) if scaler is not None else raw()
+                finally:
+                    self._in_step = False
+        finally:
+            if in_flight is not None:  # observe mode: the reduction ran while the optimizer stepped
+                self._finish(in_flight, optimizer)
         self._step += 1
         self.state.steps_total = self._step
         if self._acts is not None and self._enabled["stats"]:
@@ -377,10 +396,17 @@ class HealthAgent:
 
     # ---- commands (the slow loop): applied from the reduced packet, identically on every rank -----
 
-    def _apply_command(self, step: int, optimizer: torch.optim.Optimizer) -> None:
-        seq, code, value = self._incoming
-        self._incoming = [0.0, 0.0, 0.0]
-        decoded = decode(code, value) if seq else None
+    def _apply_commands(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Every command read from a reduced packet and not yet applied: this step's when the packet was
+        waited for before the optimizer's step (guard, clip in force), an earlier step's otherwise
+        (applied before this step is measured, so a clip command clips this very step). Every rank
+        reads the same packets at the same steps, so every rank applies them at the same step."""
+        arrived, self._arrived = self._arrived, []
+        for seq, code, value in arrived:
+            self._apply_command(step, optimizer, seq, code, value)
+
+    def _apply_command(self, step: int, optimizer: torch.optim.Optimizer, seq: float, code: float, value: float) -> None:
+        decoded = decode(code, value)
         if decoded is None:
             return
         kind, value = decoded
@@ -444,6 +470,11 @@ class HealthAgent:
     def _update_due(self, step: int) -> bool:
         return step >= 1 and self._update_snapshot_due(step - 1)
 
+    def _decides_from_stats(self) -> bool:
+        """The guard and a clip command in force decide from this step's reduced values, so they wait
+        for them before the optimizer's step; otherwise the reduction overlaps the optimizer's step."""
+        return self.guard is not None or self._clip_norm is not None
+
     def _measured(self, step: int) -> bool:
         if self.guard is not None or self._clip_norm is not None or self._skip_left > 0:
             return True  # skip/clip decisions need every step's reduced norm (and GradScaler its unscale_)
@@ -464,28 +495,40 @@ class HealthAgent:
             spec += self._acts.spec(self._activation_due(step))
         return spec
 
-    def _measure(self, step: int, optimizer: torch.optim.Optimizer, loss: Any, scaler: Any) -> None:
+    def _measure(self, step: int, optimizer: torch.optim.Optimizer, loss: Any, scaler: Any) -> Optional["_InFlight"]:
+        """Fill the step's packet and start its reduction; `_finish` reads it."""
         started = time.perf_counter()
         try:
             packet = Packet(self._spec(step), self.topology.device)
         except Exception as exc:
             self._fail("stats", exc)
-            return
+            return None
         row = packet.slot("ranks").view(self.world_size, len(RANK_FIELDS))[self.rank]
         stats_ok = scaler is None or self._guarded("stats", lambda: self._unscale(scaler, optimizer))
         stats_ok = stats_ok and self._guarded("stats", lambda: self._fill_local(packet, row, loss))
         acts_ok = self._acts is None or self._guarded("activations", lambda: self._fill_activations(packet, row))
         row[RANK_INDEX["error"]].fill_(float((not stats_ok) + 2 * (not acts_ok)))
         try:
-            host = packet.reduce_to_host(None, self.world_size, self.counters)
+            works = packet.start_reduce(None, self.world_size, self.counters)
+        except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
+            self._fail("stats", exc)
+            return None
+        amp = scaler is not None and scaler.is_enabled()
+        return _InFlight(step, packet, works, amp, time.perf_counter() - started)
+
+    def _finish(self, flight: "_InFlight", optimizer: torch.optim.Optimizer) -> None:
+        """Wait for the step's reduction, take its command, decode and publish its statistics."""
+        started = time.perf_counter() - flight.seconds  # agent_seconds: the agent's own time, not the optimizer's
+        try:
+            host = flight.packet.to_host(flight.works, self.counters)
         except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
             self._fail("stats", exc)
             return
-        self._incoming = host["command"]
+        if host["command"][0]:
+            self._arrived.append(host["command"])
         # Decoding reads only values every rank holds identically, so if it fails it fails everywhere,
         # and every rank switches statistics off at the same step.
-        amp = scaler is not None and scaler.is_enabled()
-        self._guarded("stats", lambda: self._publish(step, host, optimizer, started, amp), disable=True)
+        self._guarded("stats", lambda: self._publish(flight.step, host, optimizer, started, flight.amp), disable=True)
         if not self._enabled["stats"]:
             self._drop_activations()  # the same decision on every rank: stop paying for hooks
 

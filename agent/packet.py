@@ -81,8 +81,10 @@ class Packet:
             raise ValueError(f"packet entry {name!r} holds {view.numel()} values, got {value.numel()}")
         view.copy_(value.reshape(-1))
 
-    def reduce_to_host(self, group: Optional[dist.ProcessGroup], world_size: int, counters: Counters) -> dict[str, list[float]]:
-        """All-reduce the SUM and MAX buffers (one collective each, if non-empty), then one host copy."""
+    def start_reduce(self, group: Optional[dist.ProcessGroup], world_size: int, counters: Counters) -> list[dist.Work]:
+        """Issue the SUM and MAX all-reduces (one collective each, if non-empty) without waiting:
+        the caller may do other work (the optimizer's step) while they run."""
+        works = []
         if world_size > 1:
             for op, dist_op in ((Reduce.SUM, dist.ReduceOp.SUM), (Reduce.MAX, dist.ReduceOp.MAX)):
                 buffer = self.buffers[op]
@@ -91,8 +93,14 @@ class Packet:
                 if op is Reduce.MAX:
                     # NaN has no order: as +inf it survives MAX on every backend and still reads "non-finite".
                     torch.nan_to_num(buffer, nan=float("inf"), posinf=float("inf"), out=buffer)
-                dist.all_reduce(buffer, op=dist_op, group=group)
+                works.append(dist.all_reduce(buffer, op=dist_op, group=group, async_op=True))
                 counters.collectives += 1
+        return works
+
+    def to_host(self, works: list[dist.Work], counters: Counters) -> dict[str, list[float]]:
+        """Wait for the reductions, then the step's one host copy."""
+        for work in works:
+            work.wait()
         host = torch.cat([self.buffers[op] for op in Reduce]).cpu().tolist()
         counters.host_syncs += 1
         out: dict[str, list[float]] = {}

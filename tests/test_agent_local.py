@@ -264,7 +264,7 @@ def test_packet_max_transport_keeps_inf_and_nan_non_finite(tmp_path):
         packet = Packet([Entry("m", Reduce.MAX, 3), Entry("s", Reduce.SUM, 1)], torch.device("cpu"))
         packet.put("m", torch.tensor([float("inf"), float("nan"), 2.0]))
         counters = Counters()
-        host = packet.reduce_to_host(None, 2, counters)  # world_size>1: the collectives are really issued
+        host = packet.to_host(packet.start_reduce(None, 2, counters), counters)  # world_size>1: the collectives are really issued
     finally:
         dist.destroy_process_group()
     assert host["m"] == [float("inf"), float("inf"), 2.0]
