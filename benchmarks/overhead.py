@@ -1,20 +1,34 @@
 """Agent overhead against a plain training step and against peers, side by side in one run.
 
-    .venv/bin/python benchmarks/overhead.py [--models mlp gpt] [--wraps ddp fsdp2] [--rounds 3] [--json out.json]
+    .venv/bin/python benchmarks/overhead.py [--models mlp gpt] [--wraps ddp fsdp2] [--rounds 3] [--cycles 5] [--json out.json]
 
-Two gloo ranks on this machine's CPU (torch.multiprocessing). For every model and wrapping, the
-configurations run interleaved in rounds (a different order each round, the same on every rank), each
-for `--steps` timed steps after a warm-up, and the report gives the median step time over rounds and
-its ratio to the plain step measured in the same run:
+Two gloo ranks on this machine's CPU (torch.multiprocessing). For every model and wrapping, every
+configuration's model, optimizer and monitor are built side by side; blocks of `--steps` steps are
+then taken in turn (configuration A's block, B's block, ...), `--cycles` times, and all of that
+`--rounds` times with fresh runners and a rotated order. Each block is paired with the baseline's
+block of the same cycle, so a ratio compares steps taken seconds apart, and the report gives:
+
+  ratio      median over blocks of (configuration's step time / baseline's, same cycle), and its quartiles
+  +ms/step   median of the paired differences: the time the configuration adds to a step
+  cpu ratio  the same ratio for CPU seconds summed over the ranks (every thread; waiting not counted)
+  monitor ms the monitor's own calls after backward(), timed around them on each rank, the
+             optimizer's step excluded (wall; its CPU time in the JSON): a direct, low-noise
+             measure of added time for monitors without forward/backward hooks (grad, guard,
+             peer-loop); hooks (activations, wandb's) are not in it
+
+The configurations:
 
   baseline       optimizer.step(), nothing else
+  control        the same as baseline, on a second model: the measurement's own spread (an A/A test)
   grad           gradwatch, per-layer gradient stats every step; max-abs and weight norms every 10 steps
                  (detail_every's default); no activations, no update ratio
   grad+act/10    ... plus activation statistics every 10 steps
   everything     gradwatch, gradients + activations + update ratio every step (detail every 10)
   guard          gradwatch mode "guard" (stats every step, skip/clip decisions)
   peer-loop      what users write by hand: norm + .item() per parameter, every step (equal coverage to `grad`)
-  peer-wandb     wandb.watch(model, log="all", log_freq=1), offline, on rank 0 (gradient and weight histograms)
+  peer-wandb     wandb.watch(model, log="all", log_freq=1), offline, on rank 0 (gradient and weight
+                 histograms); timed against a baseline of its own (its service process works on after
+                 its steps and would slow whichever block came next)
 
 Scalar reads (`aten._local_scalar_dense`, i.e. `.item()`: a host-device sync on a GPU) and
 Python-level collectives per step are counted in separate, untimed steps under a dispatch mode.
@@ -38,7 +52,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-CONFIGS = ("baseline", "grad", "grad+act/10", "everything", "guard", "peer-loop", "peer-wandb")
+CONFIGS = ("baseline", "control", "grad", "grad+act/10", "everything", "guard", "peer-loop", "peer-wandb")
 WORLD = 2
 
 
@@ -96,6 +110,9 @@ def build(model_name: str, wrap: str) -> nn.Module:
 
 # ---- one configuration --------------------------------------------------------------------------
 
+Sample = tuple[float, float, float, float]  # per step: wall s, CPU s (all ranks), monitor's wall s, monitor's CPU s
+
+
 class Runner:
     """A model, optimizer and monitor for one configuration; `step()` is one training step."""
 
@@ -108,6 +125,21 @@ class Runner:
         self.agent = None
         self.wandb_run = None
         self.step_no = 0
+        # Time in the monitor's own calls between backward() and zero_grad(), the optimizer's step
+        # excluded (hooks that run inside forward/backward are not in it): wall and this thread's CPU.
+        self.monitor_s = [0.0, 0.0]
+        self._optimizer_s = [0.0, 0.0]
+        raw_step = self.opt.step
+
+        def timed_step(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return raw_step(*args, **kwargs)
+            finally:
+                self._optimizer_s[0] += time.perf_counter() - wall
+                self._optimizer_s[1] += time.thread_time() - cpu
+
+        self.opt.step = timed_step  # what agent.step calls too
         common = dict(job="bench", metrics_port=None)
         if config == "grad":
             self.agent = HealthAgent(self.model, self.opt, activation_every=0, update_ratio_every=0, **common)
@@ -128,6 +160,8 @@ class Runner:
         x, y = batch(self.model_name, self.step_no)
         loss = loss_fn(self.model_name, self.model(x), y)
         loss.backward()
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self._optimizer_s = [0.0, 0.0]
         if self.agent is not None:
             self.agent.step(self.opt, loss=loss)
         else:
@@ -137,6 +171,8 @@ class Runner:
             self.opt.step()
             if self.wandb_run is not None:
                 self.wandb_run.log({"loss": loss.item()})
+        self.monitor_s[0] += time.perf_counter() - wall - self._optimizer_s[0]
+        self.monitor_s[1] += time.thread_time() - cpu - self._optimizer_s[1]
         self.opt.zero_grad(set_to_none=True)
         self.step_no += 1
 
@@ -173,15 +209,20 @@ def count_collectives() -> Callable[[], int]:
     return lambda: calls[0]
 
 
-def timed(runner: Runner, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        runner.step()
+def timed_block(runner: Runner, steps: int) -> Sample:
+    """`steps` steps between two barriers: wall seconds per step, CPU seconds per step summed over
+    ranks (every thread, the agent's publisher included; waiting not counted, so it is the steadier
+    of the two on a shared machine), and the monitor's own wall and CPU seconds per step per rank."""
     dist.barrier()
-    start = time.perf_counter()
+    runner.monitor_s = [0.0, 0.0]
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         runner.step()
     dist.barrier()
-    return (time.perf_counter() - start) / steps
+    sample = torch.tensor([time.perf_counter() - wall, time.process_time() - cpu, *runner.monitor_s], dtype=torch.float64)
+    dist.all_reduce(sample)
+    wall_s, cpu_s, monitor_wall_s, monitor_cpu_s = sample.tolist()
+    return wall_s / WORLD / steps, cpu_s / steps, monitor_wall_s / WORLD / steps, monitor_cpu_s / WORLD / steps
 
 
 def counts(runner: Runner, collectives: Callable[[], int], steps: int = 3) -> tuple[float, float]:
@@ -212,6 +253,49 @@ def _agreed(fn: Callable, config: str, failed: dict[str, str]):
     return result
 
 
+def interleaved(configs: list[str], model_name: str, wrap: str, args: argparse.Namespace, tmp: str,
+                failed: dict[str, str]) -> dict[str, list[Sample]]:
+    """Every configuration's runner alive at once; blocks of `steps` steps taken in turn, `cycles`
+    times per round, in an order rotated each round. Sample i of every configuration comes from the
+    same round and cycle, so a ratio of paired samples cancels the machine's drift."""
+    samples: dict[str, list[Sample]] = {c: [] for c in configs}
+    for r in range(args.rounds):
+        order = configs[r % len(configs):] + configs[:r % len(configs)]
+        runners: dict[str, Runner] = {}
+        for config in order:
+            if config not in failed:
+                runner = _agreed(lambda: Runner(config, model_name, wrap, tmp), config, failed)
+                if runner and _agreed(lambda: [runner.step() for _ in range(args.warmup)], config, failed) is not None:
+                    runners[config] = runner
+        for _ in range(args.cycles):
+            for config in order:
+                if config in runners:
+                    sample = _agreed(lambda: timed_block(runners[config], args.steps), config, failed)
+                    if sample is None:
+                        runners.pop(config).close()
+                    else:
+                        samples[config].append(sample)
+        for runner in runners.values():
+            runner.close()
+    return {c: s for c, s in samples.items() if c not in failed}
+
+
+def paired(samples: list[Sample], base: list[Sample]) -> dict:
+    """Medians of per-block ratios and differences against the baseline's block of the same cycle,
+    and of the monitor's own time."""
+    ratios = [s[0] / b[0] for s, b in zip(samples, base)]
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return dict(
+        median_step_s=statistics.median(s[0] for s in samples),
+        ratio=statistics.median(ratios), ratio_p25=quartiles[0], ratio_p75=quartiles[2],
+        added_ms=statistics.median(1000 * (s[0] - b[0]) for s, b in zip(samples, base)),
+        cpu_ratio=statistics.median(s[1] / b[1] for s, b in zip(samples, base)),
+        monitor_ms=statistics.median(1000 * s[2] for s in samples),
+        monitor_cpu_ms=statistics.median(1000 * s[3] for s in samples),
+        blocks=len(ratios), samples=samples,
+    )
+
+
 def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -222,37 +306,32 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     results = []
     for model_name in args.models:
         for wrap in args.wraps:
-            times: dict[str, list[float]] = {c: [] for c in args.configs}
             failed: dict[str, str] = {}
             if wrap == "fsdp2" and "peer-wandb" in args.configs:
                 # checked by hand: with wandb.watch on rank 0 the FSDP2 job makes no progress in
                 # 150 s (a hang), so it cannot be timed
                 failed["peer-wandb"] = "not run: wandb.watch hangs the FSDP2 job"
-            for r in range(args.rounds):
-                order = args.configs[r % len(args.configs):] + args.configs[:r % len(args.configs)]
-                for config in order:
-                    if config in failed:
-                        continue
-                    runner = _agreed(lambda: Runner(config, model_name, wrap, tmp), config, failed)
-                    elapsed = runner and _agreed(lambda: timed(runner, args.warmup, args.steps), config, failed)
-                    if elapsed:
-                        times[config].append(elapsed)
-                    if runner:
-                        runner.close()
-            base = statistics.median(times["baseline"])
+            # wandb's service is a separate process that keeps working after its own steps, so it is
+            # timed against a baseline of its own rather than alongside the others.
+            main = [c for c in args.configs if c != "peer-wandb"]
+            groups = [main] + ([["baseline", "peer-wandb"]] if "peer-wandb" in args.configs and "peer-wandb" not in failed else [])
+            measured: dict[str, tuple[list[Sample], list[Sample]]] = {}  # config -> (its samples, its group's baseline)
+            for group in groups:
+                samples = interleaved(group, model_name, wrap, args, tmp, failed)
+                for config in group:
+                    if config in samples and "baseline" in samples and config not in measured:
+                        measured[config] = (samples[config], samples["baseline"])
             for config in args.configs:
                 row = dict(model=model_name, wrap=wrap, config=config)
-                if config in failed or not times[config]:
-                    row["failed"] = failed.get(config, "no samples")
+                if config not in measured:
+                    row["failed"] = failed.get(config) or failed.get("baseline", "no samples")
                 else:
                     runner = Runner(config, model_name, wrap, tmp)
                     for _ in range(2):
                         runner.step()
                     reads, colls = counts(runner, collectives)
                     runner.close()
-                    median = statistics.median(times[config])
-                    row.update(median_step_s=median, ratio=median / base, rounds=times[config],
-                               scalar_reads_per_step=reads, python_collectives_per_step=colls)
+                    row.update(paired(*measured[config]), scalar_reads_per_step=reads, python_collectives_per_step=colls)
                 results.append(row)
     if rank == 0:
         with open(out, "w") as f:
@@ -271,8 +350,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--models", nargs="+", default=["mlp", "gpt"], choices=["mlp", "gpt"])
     p.add_argument("--wraps", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="fresh runners, and a rotated order, each round")
+    p.add_argument("--cycles", type=int, default=5, help="blocks per configuration per round")
+    p.add_argument("--steps", type=int, default=10, help="steps per block (10 = one detail_every cycle)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
@@ -290,13 +370,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = json.load(open(out))
     report = dict(machine=machine(), command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
                   seconds=round(time.time() - started), results=results)
-    print(f"{'model':5} {'wrap':5} {'config':12} {'step ms':>9} {'ratio':>7} {'.item()/step':>13} {'py colls/step':>14}")
+    print(f"{'model':5} {'wrap':5} {'config':12} {'step ms':>8} {'ratio':>6} {'p25-p75':>12} {'+ms/step':>9} "
+          f"{'cpu ratio':>9} {'monitor ms':>10} {'.item()/step':>12} {'py colls/step':>13}")
     for r in results:
         if "failed" in r:
             print(f"{r['model']:5} {r['wrap']:5} {r['config']:12} failed: {r['failed']}")
         else:
-            print(f"{r['model']:5} {r['wrap']:5} {r['config']:12} {1000 * r['median_step_s']:9.2f} {r['ratio']:7.3f} "
-                  f"{r['scalar_reads_per_step']:13.1f} {r['python_collectives_per_step']:14.1f}")
+            print(f"{r['model']:5} {r['wrap']:5} {r['config']:12} {1000 * r['median_step_s']:8.1f} {r['ratio']:6.3f} "
+                  f"{r['ratio_p25']:6.3f}-{r['ratio_p75']:5.3f} {r['added_ms']:9.1f} {r['cpu_ratio']:9.3f} {r['monitor_ms']:10.2f} "
+                  f"{r['scalar_reads_per_step']:12.1f} {r['python_collectives_per_step']:13.1f}")
     print(f"({report['seconds']} s; {report['machine']})")
     if args.json:
         with open(args.json, "w") as f:
