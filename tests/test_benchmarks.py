@@ -1,0 +1,49 @@
+"""The benchmarks run end to end at a tiny size, and what they count (not what they time) is right:
+they are the evidence for the overhead and cardinality claims, so they must not rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_overhead_counts_syncs_and_collectives_per_step(tmp_path: Path) -> None:
+    report = run("overhead.py", tmp_path, "--models", "mlp", "--wraps", "ddp", "--configs", "baseline", "control", "grad", "peer-loop",
+                 "--rounds", "1", "--cycles", "2", "--steps", "2", "--warmup", "1")
+    rows = {r["config"]: r for r in report["results"]}
+    assert set(rows) == {"baseline", "control", "grad", "peer-loop"}
+    assert all("failed" not in r and r["blocks"] == 2 and r["ratio"] > 0 and len(r["samples"]) == 2 for r in rows.values())
+    assert rows["baseline"]["ratio"] == 1.0
+    params = 26  # 13 Linear layers: AdamW reads one step count per tensor, the loop one norm per tensor
+    assert rows["baseline"]["scalar_reads_per_step"] == params
+    assert rows["grad"]["scalar_reads_per_step"] == params  # the agent's one packet copy is not a scalar read
+    assert rows["peer-loop"]["scalar_reads_per_step"] == 2 * params
+    assert rows["baseline"]["python_collectives_per_step"] == 0
+    assert rows["grad"]["python_collectives_per_step"] == 1  # DDP: one all-reduce of the packet
+    assert report["machine"]["ranks"] == 2 and "overhead.py" in report["command"]
+
+
+def test_scale_counts_series_and_the_aggregator_alerts_on_the_sick_jobs(tmp_path: Path) -> None:
+    report = run("scale.py", tmp_path, "--jobs", "12", "--layers", "6", "--rounds", "2")
+    assert report["series"] and all(r["series"] == r["formula"] for r in report["series"])
+    assert {r["ranks"] for r in report["series"]} == {1, 8, 64, 1024}
+    ev = report["evaluation"]
+    assert ev["rule_failures"] == 0 and len(ev["rule_median_ms"]) >= 10
+    assert ev["pathological_jobs"] == {"vanishing": ["job-0", "job-10"], "nan": ["job-1", "job-11"]}
+    alerting = ev["alerting_jobs"]
+    assert alerting["vanishing_gradient"] == ["job-0", "job-10"] and alerting["nan_gradient"] == ["job-1", "job-11"]
+    assert alerting.get("rank_outlier") == ["job-1", "job-11"]  # rank 1 alone went non-finite
+    healthy = {f"job-{j}" for j in range(12)} - {"job-0", "job-10", "job-1", "job-11"}
+    assert not healthy & {job for jobs in alerting.values() for job in jobs}
