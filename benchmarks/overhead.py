@@ -25,13 +25,17 @@ The configurations:
   grad+act/10    ... plus activation statistics every 10 steps
   everything     gradwatch, gradients + activations + update ratio every step (detail every 10)
   guard          gradwatch mode "guard" (stats every step, skip/clip decisions)
-  peer-loop      what users write by hand: norm + .item() per parameter, every step (equal coverage to `grad`)
+  peer-loop      what users write by hand: norm + .item() per parameter, at `grad`'s coverage on the
+                 rank's own data (gradient norms and loss every step, max-abs and weight norms every
+                 10); no cross-rank statistics
   peer-wandb     wandb.watch(model, log="all", log_freq=1), offline, on rank 0 (gradient and weight
                  histograms); timed against a baseline of its own (its service process works on after
                  its steps and would slow whichever block came next)
 
 Scalar reads (`aten._local_scalar_dense`, i.e. `.item()`: a host-device sync on a GPU) and
-Python-level collectives per step are counted in separate, untimed steps under a dispatch mode.
+collectives (the c10d ops the dispatcher sees; "extra" = beyond the baseline's, i.e. DDP's or FSDP's
+own) are counted per step over 10 further, untimed steps (one of them a detail step) under a
+dispatch mode.
 """
 
 from __future__ import annotations
@@ -165,9 +169,8 @@ class Runner:
         if self.agent is not None:
             self.agent.step(self.opt, loss=loss)
         else:
-            if self.config == "peer-loop":  # the seeds' hand-written monitor: one sync per parameter
-                norms = {n: p.grad.norm().item() for n, p in self.model.named_parameters() if p.grad is not None}
-                assert norms
+            if self.config == "peer-loop":
+                self.hand_written_monitor(loss)
             self.opt.step()
             if self.wandb_run is not None:
                 self.wandb_run.log({"loss": loss.item()})
@@ -175,6 +178,17 @@ class Runner:
         self.monitor_s[1] += time.thread_time() - cpu - self._optimizer_s[1]
         self.opt.zero_grad(set_to_none=True)
         self.step_no += 1
+
+    def hand_written_monitor(self, loss: torch.Tensor) -> dict:
+        """The seeds' per-parameter loop, at the coverage of `grad` on this rank's data: gradient L2
+        norms and the loss every step, gradient max-abs and weight norms every 10 steps; each value
+        read with `.item()` (a sync on a GPU). It has no cross-rank view (the agent's all-reduce)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        record = {"loss": loss.item(), "grad_norm": {n: p.grad.norm().item() for n, p in named}}
+        if self.step_no % 10 == 0:
+            record["grad_max_abs"] = {n: p.grad.abs().max().item() for n, p in named}
+            record["weight_norm"] = {n: p.detach().norm().item() for n, p in named}
+        return record
 
     def close(self) -> None:
         if self.agent is not None:
@@ -185,28 +199,21 @@ class Runner:
 
 
 class Count(TorchDispatchMode):
+    """Scalar reads (`aten._local_scalar_dense`: `.item()`, a host-device sync on a GPU) and
+    collectives (every op in the c10d namespaces: DDP's and FSDP's own, the agent's, and any a
+    monitor issues through DTensor), as the dispatcher sees them."""
+
     def __init__(self) -> None:
         super().__init__()
         self.scalar_reads = 0
+        self.collectives = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.scalar_reads += 1
+        elif func.namespace in ("c10d", "_c10d_functional"):
+            self.collectives += 1
         return func(*args, **(kwargs or {}))
-
-
-def count_collectives() -> Callable[[], int]:
-    """Wrap torch.distributed's Python collectives; returns a reader of the running count."""
-    calls = [0]
-    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "all_to_all_single"):
-        original = getattr(dist, name)
-
-        def counted(*a, _original=original, **k):
-            calls[0] += 1
-            return _original(*a, **k)
-
-        setattr(dist, name, counted)
-    return lambda: calls[0]
 
 
 def timed_block(runner: Runner, steps: int) -> Sample:
@@ -225,13 +232,13 @@ def timed_block(runner: Runner, steps: int) -> Sample:
     return wall_s / WORLD / steps, cpu_s / steps, monitor_wall_s / WORLD / steps, monitor_cpu_s / WORLD / steps
 
 
-def counts(runner: Runner, collectives: Callable[[], int], steps: int = 3) -> tuple[float, float]:
+def counts(runner: Runner, steps: int = 10) -> tuple[float, float]:
+    """Per step, over one detail cycle (10 steps, one of them a detail step): scalar reads, collectives."""
     mode = Count()
-    before = collectives()
     with mode:
         for _ in range(steps):
             runner.step()
-    return mode.scalar_reads / steps, (collectives() - before) / steps
+    return mode.scalar_reads / steps, mode.collectives / steps
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -301,7 +308,6 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    collectives = count_collectives()
     tmp = tempfile.mkdtemp(prefix="gradwatch-bench-")
     results = []
     for model_name in args.models:
@@ -329,10 +335,14 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                     runner = Runner(config, model_name, wrap, tmp)
                     for _ in range(2):
                         runner.step()
-                    reads, colls = counts(runner, collectives)
+                    reads, colls = counts(runner)
                     runner.close()
-                    row.update(paired(*measured[config]), scalar_reads_per_step=reads, python_collectives_per_step=colls)
+                    row.update(paired(*measured[config]), scalar_reads_per_step=reads, collectives_per_step=colls)
                 results.append(row)
+            base = next(r for r in results[-len(args.configs):] if r["config"] == "baseline")
+            for row in results[-len(args.configs):]:
+                if "failed" not in row and "failed" not in base:
+                    row["extra_collectives_per_step"] = row["collectives_per_step"] - base["collectives_per_step"]
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -371,14 +381,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = dict(machine=machine(), command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
                   seconds=round(time.time() - started), results=results)
     print(f"{'model':5} {'wrap':5} {'config':12} {'step ms':>8} {'ratio':>6} {'p25-p75':>12} {'+ms/step':>9} "
-          f"{'cpu ratio':>9} {'monitor ms':>10} {'.item()/step':>12} {'py colls/step':>13}")
+          f"{'cpu ratio':>9} {'monitor ms':>10} {'.item()/step':>12} {'extra colls/step':>16}")
     for r in results:
         if "failed" in r:
             print(f"{r['model']:5} {r['wrap']:5} {r['config']:12} failed: {r['failed']}")
         else:
             print(f"{r['model']:5} {r['wrap']:5} {r['config']:12} {1000 * r['median_step_s']:8.1f} {r['ratio']:6.3f} "
                   f"{r['ratio_p25']:6.3f}-{r['ratio_p75']:5.3f} {r['added_ms']:9.1f} {r['cpu_ratio']:9.3f} {r['monitor_ms']:10.2f} "
-                  f"{r['scalar_reads_per_step']:12.1f} {r['python_collectives_per_step']:13.1f}")
+                  f"{r['scalar_reads_per_step']:12.1f} {r.get('extra_collectives_per_step', float('nan')):16.1f}")
     print(f"({report['seconds']} s; {report['machine']})")
     if args.json:
         with open(args.json, "w") as f:
