@@ -125,7 +125,6 @@ class _InFlight:
 
     step: int
     packet: Packet
-    works: list
     amp: bool
     seconds: float  # the agent's own time on this step so far
 
@@ -315,17 +314,14 @@ class HealthAgent:
             self._guarded("stats", self._grads.take_snapshot)
         if decision.clip_to is not None:
             self._clip(optimizer, decision.clip_to)
+        result = None  # a skipped step leaves parameters and optimizer state (moments, step counts) untouched
         try:
-            if decision.skip:  # parameters and optimizer state (moments, step counts) untouched
-                result = None
-            else:
+            if not decision.skip:
                 self._in_step = True
-                try:
-                    raw = getattr(optimizer, "_gradwatch_original_step", None) or optimizer.step
-                    result = scaler.step(optimizer) if scaler is not None else raw()
-                finally:
-                    self._in_step = False
+                raw = getattr(optimizer, "_gradwatch_original_step", None) or optimizer.step
+                result = scaler.step(optimizer) if scaler is not None else raw()
         finally:
+            self._in_step = False
             if in_flight is not None:  # observe mode: the reduction ran while the optimizer stepped
                 self._finish(in_flight, optimizer)
         self._step += 1
@@ -476,7 +472,7 @@ class HealthAgent:
         return self.guard is not None or self._clip_norm is not None
 
     def _measured(self, step: int) -> bool:
-        if self.guard is not None or self._clip_norm is not None or self._skip_left > 0:
+        if self._decides_from_stats() or self._skip_left > 0:
             return True  # skip/clip decisions need every step's reduced norm (and GradScaler its unscale_)
         return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step)
 
@@ -509,18 +505,18 @@ class HealthAgent:
         acts_ok = self._acts is None or self._guarded("activations", lambda: self._fill_activations(packet, row))
         row[RANK_INDEX["error"]].fill_(float((not stats_ok) + 2 * (not acts_ok)))
         try:
-            works = packet.start_reduce(None, self.world_size, self.counters)
+            packet.start_reduce(None, self.world_size, self.counters)
         except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
             self._fail("stats", exc)
             return None
         amp = scaler is not None and scaler.is_enabled()
-        return _InFlight(step, packet, works, amp, time.perf_counter() - started)
+        return _InFlight(step, packet, amp, time.perf_counter() - started)
 
     def _finish(self, flight: "_InFlight", optimizer: torch.optim.Optimizer) -> None:
         """Wait for the step's reduction, take its command, decode and publish its statistics."""
         started = time.perf_counter() - flight.seconds  # agent_seconds: the agent's own time, not the optimizer's
         try:
-            host = flight.packet.to_host(flight.works, self.counters)
+            host = flight.packet.to_host(self.counters)
         except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
             self._fail("stats", exc)
             return

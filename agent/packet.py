@@ -59,6 +59,7 @@ class Packet:
         self.spec = spec
         self.buffers: dict[Reduce, torch.Tensor] = {}
         self._views: dict[str, torch.Tensor] = {}
+        self._works: list[dist.Work] = []  # reductions started and not yet waited for
         for op in Reduce:
             entries = [e for e in spec if e.op is op]
             buffer = torch.zeros(sum(e.size for e in entries), dtype=torch.float64, device=device)
@@ -81,10 +82,9 @@ class Packet:
             raise ValueError(f"packet entry {name!r} holds {view.numel()} values, got {value.numel()}")
         view.copy_(value.reshape(-1))
 
-    def start_reduce(self, group: Optional[dist.ProcessGroup], world_size: int, counters: Counters) -> list[dist.Work]:
+    def start_reduce(self, group: Optional[dist.ProcessGroup], world_size: int, counters: Counters) -> None:
         """Issue the SUM and MAX all-reduces (one collective each, if non-empty) without waiting:
-        the caller may do other work (the optimizer's step) while they run."""
-        works = []
+        the caller may do other work (the optimizer's step) while they run; `to_host` waits."""
         if world_size > 1:
             for op, dist_op in ((Reduce.SUM, dist.ReduceOp.SUM), (Reduce.MAX, dist.ReduceOp.MAX)):
                 buffer = self.buffers[op]
@@ -93,14 +93,14 @@ class Packet:
                 if op is Reduce.MAX:
                     # NaN has no order: as +inf it survives MAX on every backend and still reads "non-finite".
                     torch.nan_to_num(buffer, nan=float("inf"), posinf=float("inf"), out=buffer)
-                works.append(dist.all_reduce(buffer, op=dist_op, group=group, async_op=True))
+                self._works.append(dist.all_reduce(buffer, op=dist_op, group=group, async_op=True))
                 counters.collectives += 1
-        return works
 
-    def to_host(self, works: list[dist.Work], counters: Counters) -> dict[str, list[float]]:
-        """Wait for the reductions, then the step's one host copy."""
-        for work in works:
+    def to_host(self, counters: Counters) -> dict[str, list[float]]:
+        """Wait for the reductions started, then the step's one host copy."""
+        for work in self._works:
             work.wait()
+        self._works = []
         host = torch.cat([self.buffers[op] for op in Reduce]).cpu().tolist()
         counters.host_syncs += 1
         out: dict[str, list[float]] = {}

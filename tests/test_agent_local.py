@@ -264,7 +264,8 @@ def test_packet_max_transport_keeps_inf_and_nan_non_finite(tmp_path):
         packet = Packet([Entry("m", Reduce.MAX, 3), Entry("s", Reduce.SUM, 1)], torch.device("cpu"))
         packet.put("m", torch.tensor([float("inf"), float("nan"), 2.0]))
         counters = Counters()
-        host = packet.to_host(packet.start_reduce(None, 2, counters), counters)  # world_size>1: the collectives are really issued
+        packet.start_reduce(None, 2, counters)  # world_size>1: the collectives are really issued
+        host = packet.to_host(counters)
     finally:
         dist.destroy_process_group()
     assert host["m"] == [float("inf"), float("inf"), 2.0]
@@ -394,6 +395,18 @@ def test_skip_steps_with_a_grad_scaler_on_unmeasured_steps():
     agent.close()
 
 
+def mse_closure(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    """The closure `optimizer.step(closure)` takes: zero, forward, backward, return the loss."""
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def test_wrapped_optimizer_step_runs_the_closure_measures_and_guards():
     """`agent.wrap(opt)`: loops the user does not write (Lightning, HF, auto-attach) call
     `optimizer.step(closure)`; the step is measured with the closure's loss, and guarded."""
@@ -406,13 +419,7 @@ def test_wrapped_optimizer_step_runs_the_closure_measures_and_guards():
     assert agent.wrap() is opt and agent.wrap(opt) is opt  # idempotent
     assert attached_agent(model) is agent and attached_agent(opt) is agent
     x, y = torch.randn(16, 4), torch.randn(16, 1)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = mse_closure(model, opt, x, y)
     loss = opt.step(closure)
     assert agent.step_count == 1
     assert agent.last_stats.loss_mean == pytest.approx(float(loss.detach()))
@@ -503,13 +510,7 @@ def test_wrap_leaves_an_optimizer_that_needs_a_closure_unwrapped(caplog):
     assert opt.step == original and getattr(opt, "_gradwatch_original_step", None) is None
     assert [r.getMessage() for r in caplog.records].count("gradwatch: LBFGS.step needs a closure; not measured") == 1
     x, y = torch.randn(32, 4), torch.randn(32, 1)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = mse_closure(model, opt, x, y)
     first = float(opt.step(closure).detach())
     assert float(closure()) < first and agent.step_count == 0
     agent.close()
