@@ -349,9 +349,10 @@ class HealthAgent:
                 self._guarded(feature, part.close)
         self._jsonl, self.metrics, self._remote = None, None, None
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait (bounded) until every measured step so far has reached the JSON lines file and listeners."""
-        self._publisher.flush(timeout)
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait (bounded) until every measured step so far has reached the JSON lines file and listeners
+        (or was dropped because they fell behind); False if the time ran out first."""
+        return self._publisher.flush(timeout)
 
     def __enter__(self) -> "HealthAgent":
         return self

@@ -48,13 +48,18 @@ class Publisher:
         self._thread.start()
 
     def submit(self, stats: StepStats) -> None:
+        if self.sinks:  # else nothing to hand it to: do not wake the thread
+            self._put(stats)
+
+    def _put(self, item: Optional[StepStats]) -> None:
         while True:
             try:
-                self._queue.put_nowait(stats)
+                self._queue.put_nowait(item)
                 return
             except queue.Full:
                 try:
                     self._queue.get_nowait()
+                    self._queue.task_done()  # or flush()'s join would wait for it forever
                     self.dropped += 1
                 except queue.Empty:
                     pass
@@ -74,13 +79,14 @@ class Publisher:
             finally:
                 self._queue.task_done()
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait (bounded) until everything submitted so far has reached the sinks."""
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait (bounded) until everything submitted so far has reached the sinks, or been dropped;
+        False if the time ran out first."""
         done = threading.Event()
         threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
-        done.wait(timeout)
+        return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         self.flush(timeout)
-        self.submit(None)  # type: ignore[arg-type]
+        self._put(None)  # stop, after what is queued
         self._thread.join(timeout)

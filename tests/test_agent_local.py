@@ -272,6 +272,38 @@ def test_packet_max_transport_keeps_inf_and_nan_non_finite(tmp_path):
     assert counters.collectives == 2 and counters.host_syncs == 1
 
 
+def test_publisher_drops_the_oldest_when_behind_and_still_flushes():
+    """A sink that falls behind loses the oldest steps (counted), never blocks submit, and flush()
+    still completes: a dropped step is done with, not waited for."""
+    import threading
+
+    from gradwatch.agent.publisher import Publisher
+
+    release, got = threading.Event(), []
+
+    def slow_sink(stats):
+        release.wait(5)
+        got.append(stats)
+
+    publisher = Publisher({"slow": slow_sink}, on_error=lambda *_: None, maxsize=4)
+    for i in range(20):
+        publisher.submit(i)  # type: ignore[arg-type]
+    release.set()
+    assert publisher.flush(timeout=5)
+    assert publisher.dropped >= 20 - 4 - 1 and got[-1] == 19
+    assert len(got) + publisher.dropped == 20
+    publisher.close()
+
+
+def test_a_publisher_without_sinks_queues_nothing():
+    from gradwatch.agent.publisher import Publisher
+
+    publisher = Publisher({}, on_error=lambda *_: None, maxsize=4)
+    publisher.submit(1)  # type: ignore[arg-type]
+    assert publisher._queue.qsize() == 0
+    publisher.close()
+
+
 def test_float64_model_is_measured():
     torch.manual_seed(0)
     model = mixed_mlp().double()
