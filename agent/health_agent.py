@@ -11,6 +11,7 @@
   5. hands the step's record to the exporter (rank 0) and to the background publisher.
 
 Costs per measured step (documented in docs/agent.md, counted in gradwatch_agent_* metrics):
+  norm work: every local parameter; under DDP outside mode guard, each rank's share of the layers.
   host-device syncs: 1.
   collectives: 0 in one process; DDP: 1 (SUM), 2 on activation-sampled steps (SUM + MAX);
   FSDP: 1 (SUM), 2 on detail (max-abs, weight norms) and activation-sampled steps (SUM + MAX).
@@ -157,6 +158,7 @@ class HealthAgent:
         self._clip_norm: Optional[float] = None  # set_clip_norm in force (identical on every rank)
         self._lr_factor = 1.0  # product of scale_lr factors in force (reset divides it back out)
         self._skip_left = 0  # skip_steps still to skip
+        self._packets: dict[tuple[Entry, ...], Packet] = {}
         self._arrived: list[list[float]] = []  # [seq, kind code, value] read from reduced packets, not yet applied
         self._sent: dict[int, Any] = {}  # rank 0: seq -> Command it put on the wire
         self._on_halt = on_halt
@@ -171,7 +173,10 @@ class HealthAgent:
                 _ATTACHED[obj] = self
         plan = build_layer_plan(model, self.config.layer_depth, self.config.max_layers)
         self.layers = plan.names
-        self._grads = GradStats(plan, self.topology.device, self.topology.sharded)
+        # DDP outside mode guard: each rank measures its share of the (replicated) layers. The guard
+        # reads them all on every rank, to catch a fault on one rank's copy before it steps.
+        self._grads = GradStats(plan, self.topology.device, self.topology.sharded, self.rank, self.world_size,
+                                split=self.topology.sharding == "ddp" and self.guard is None)
         self._acts: Optional[ActivationMonitor] = None
         if self.config.activation_every and self._enabled["stats"]:
             self._acts = ActivationMonitor(model, self.topology.device, self.config.max_activation_modules)
@@ -492,11 +497,22 @@ class HealthAgent:
             spec += self._acts.spec(self._activation_due(step))
         return spec
 
+    def _packet(self, spec: list[Entry]) -> Packet:
+        """The packet for this spec, zeroed: a handful of specs recur (detail, update and activation
+        steps), so each is laid out once."""
+        key = tuple(spec)
+        packet = self._packets.get(key)
+        if packet is None:
+            packet = self._packets[key] = Packet(spec, self.topology.device)
+        else:
+            packet.clear()
+        return packet
+
     def _measure(self, step: int, optimizer: torch.optim.Optimizer, loss: Any, scaler: Any) -> Optional["_InFlight"]:
         """Fill the step's packet and start its reduction; `_finish` reads it."""
         started = time.perf_counter()
         try:
-            packet = Packet(self._spec(step), self.topology.device)
+            packet = self._packet(self._spec(step))
         except Exception as exc:
             self._fail("stats", exc)
             return None
@@ -534,19 +550,18 @@ class HealthAgent:
             self._acts.close()
             self._acts = None
 
+    @torch.no_grad()
     def _fill_local(self, packet: Packet, row: torch.Tensor, loss: Any) -> None:
         local_sumsq = self._grads.add_gradients(packet)
         self._grads.add_weights(packet)
-        row[RANK_INDEX["nonfinite_layers"]].copy_((~torch.isfinite(local_sumsq)).sum())
-        if loss is not None:
-            if isinstance(loss, torch.Tensor) and loss.device == self.topology.device:
-                value = loss.detach().float().mean()
-            else:  # a host tensor or a number: read on the host, then a fill (a host-to-device copy would sync)
-                host = loss.detach().float().mean() if isinstance(loss, torch.Tensor) else loss
-                value = torch.full((), float(host), device=self.topology.device)
+        if not self._grads.split:  # split: every rank's count is the reduced one (_publish)
+            row[RANK_INDEX["nonfinite_layers"]].copy_((~torch.isfinite(local_sumsq)).sum())
+        if loss is not None:  # a non-finite loss reads as one on the host: no device test for it
             row[RANK_INDEX["has_loss"]].fill_(1.0)
-            row[RANK_INDEX["loss"]].copy_(value)
-            row[RANK_INDEX["loss_nonfinite"]].copy_(~torch.isfinite(value))
+            if isinstance(loss, torch.Tensor) and loss.device == self.topology.device:
+                row[RANK_INDEX["loss"]].copy_(loss.mean(dtype=torch.float32) if loss.dim() else loss)
+            else:  # a host tensor or a number: read on the host, then a fill (a host-to-device copy would sync)
+                row[RANK_INDEX["loss"]].fill_(float(loss.float().mean() if isinstance(loss, torch.Tensor) else loss))
         row[RANK_INDEX["step_seconds"]].fill_(time.perf_counter() - self._last_step_end)
         cmd = self._remote.take() if self._remote is not None else None
         if cmd is not None:  # rank 0 alone writes; the SUM gives every rank these exact values
@@ -585,6 +600,9 @@ class HealthAgent:
             host = {k: v for k, v in host.items() if not k.startswith("act_")}
         grad_sumsq = host["grad_sumsq"]
         ranks = decode_ranks(slab, self.world_size)
+        if self._grads.split:  # replicated gradients, each layer read on one rank: every copy has them
+            for r in ranks:
+                r.nonfinite_layers = sum(1 for v in grad_sumsq if not math.isfinite(v))
         losses = [r.loss for r in ranks if r.loss is not None]
         stats = StepStats(
             step=step,

@@ -45,7 +45,9 @@ class Entry:
 
 
 class Packet:
-    """Preallocated float64 slots, one flat buffer per reduction, laid out from a spec.
+    """Preallocated float64 slots in one flat buffer, laid out from a spec: the SUM entries, then the
+    MAX ones, then the LOCAL ones, so each reduction is one contiguous view and the host copy is one
+    copy of the whole.
 
     The spec is derived from the step counter and static configuration only, so every rank allocates
     the same layout even if filling it fails half-way on one rank (that rank raises its error flag
@@ -57,17 +59,24 @@ class Packet:
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate packet entries in {names}")
         self.spec = spec
+        self._flat = torch.zeros(sum(e.size for e in spec), dtype=torch.float64, device=device)
         self.buffers: dict[Reduce, torch.Tensor] = {}
         self._views: dict[str, torch.Tensor] = {}
+        self._layout: list[tuple[str, int, int]] = []  # name, start, end in the flat buffer
         self._works: list[dist.Work] = []  # reductions started and not yet waited for
+        offset = 0
         for op in Reduce:
-            entries = [e for e in spec if e.op is op]
-            buffer = torch.zeros(sum(e.size for e in entries), dtype=torch.float64, device=device)
-            self.buffers[op] = buffer
-            offset = 0
-            for e in entries:
-                self._views[e.name] = buffer[offset : offset + e.size]
-                offset += e.size
+            first = offset
+            for e in spec:
+                if e.op is op:
+                    self._views[e.name] = self._flat[offset : offset + e.size]
+                    self._layout.append((e.name, offset, offset + e.size))
+                    offset += e.size
+            self.buffers[op] = self._flat[first:offset]
+
+    def clear(self) -> None:
+        """Zero the slots, for the next step with the same spec (a packet is reused, not rebuilt)."""
+        self._flat.zero_()
 
     def __contains__(self, name: str) -> bool:
         return name in self._views
@@ -101,12 +110,6 @@ class Packet:
         for work in self._works:
             work.wait()
         self._works = []
-        host = torch.cat([self.buffers[op] for op in Reduce]).cpu().tolist()
+        host = self._flat.cpu().tolist()
         counters.host_syncs += 1
-        out: dict[str, list[float]] = {}
-        offset = 0
-        for op in Reduce:
-            for e in (e for e in self.spec if e.op is op):
-                out[e.name] = host[offset : offset + e.size]
-                offset += e.size
-        return out
+        return {name: host[start:end] for name, start, end in self._layout}

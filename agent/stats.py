@@ -14,7 +14,6 @@ from typing import Optional
 RANK_FIELDS = (
     "has_loss",            # 1 if a loss was passed to step()
     "loss",                # this rank's local loss (mean of the tensor passed)
-    "loss_nonfinite",      # 1 if that loss is NaN/inf
     "nonfinite_modules",   # hooked modules whose output was non-finite this step
     "first_bad_module",    # 1 + index of the module that went non-finite first (0 = none)
     "nonfinite_layers",    # layers whose local gradient (shard) is non-finite
@@ -125,7 +124,7 @@ def decode_ranks(slab: list[float], world_size: int) -> list[RankStats]:
             RankStats(
                 rank=rank,
                 loss=get("loss") if get("has_loss") else None,
-                loss_nonfinite=bool(get("loss_nonfinite")),
+                loss_nonfinite=bool(get("has_loss")) and not math.isfinite(get("loss")),
                 nonfinite_modules=int(get("nonfinite_modules")),
                 nonfinite_layers=int(get("nonfinite_layers")),
                 step_seconds=get("step_seconds"),

@@ -251,6 +251,35 @@ def frozen_unused(p: dict) -> dict:
     return dict(layers=list(st.layers), grad=st.layer_grad_norm, nonfinite=st.nonfinite, grad_norm=st.grad_norm)
 
 
+def replicated_fault(p: dict) -> dict:
+    """DDP in mode observe splits the layers across ranks: an inf put into the same gradient on every
+    rank (a replicated fault) must read as non-finite on every rank and in every rank's row, whichever
+    rank measured that layer."""
+    torch.manual_seed(0)
+    model = wrap(mixed_mlp(), "ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    agent = HealthAgent(model, opt, job="split", metrics_port=None)
+    params = list(model.parameters())
+    seen = []
+    for step, index in enumerate([None, *p["faulty_params"]]):
+        x, y = global_batch(step)
+        nn.functional.mse_loss(model(local_slice(x)), local_slice(y)).backward()
+        saved = [q.detach().clone() for q in params]
+        if index is not None:
+            params[index].grad.view(-1)[0] = float("inf")
+        agent.step(opt)
+        opt.zero_grad()
+        with torch.no_grad():  # undo the poisoned update, so the next fault is the only one
+            for q, kept in zip(params, saved):
+                q.copy_(kept)
+        st = agent.last_stats
+        seen.append(dict(bad_layers=[name for name, bad in zip(st.layers, st.layer_grad_nonfinite) if bad],
+                         rows=[r.nonfinite_layers for r in st.ranks], norms=st.layer_grad_norm))
+    measured = [i for i, q in enumerate(agent._grads.plan.params) if any(q is m for m in agent._grads._params)]
+    agent.close()
+    return dict(steps=seen, measured=measured, split=agent._grads.split)
+
+
 def activations(p: dict) -> dict:
     """Dead units and saturation are judged over the *global* batch (reduced across ranks)."""
     lin = nn.Linear(8, 8)
@@ -411,7 +440,7 @@ def commands(p: dict) -> dict:
     return dict(history=history, final=_digest(model.parameters()), step_seconds=step_seconds)
 
 
-SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, activations, alerting, guard, commands)}
+SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, replicated_fault, activations, alerting, guard, commands)}
 
 
 def main() -> None:

@@ -59,6 +59,20 @@ def test_fsdp_issues_the_max_all_reduce_only_on_detail_and_activation_steps(run_
             assert_close(s["agent_weight"], s["ref_weight"], f"step {s['step']} weight norm")
 
 
+def test_ddp_split_reads_a_replicated_fault_on_every_rank(run_ranks):
+    """DDP, mode observe: each rank measures its share of the layers. An inf in a layer rank 0
+    measures (param 4, layer "3.weight"), then in one rank 1 measures (param 0, "0.weight"), must be a
+    non-finite layer on both ranks and count in both ranks' rows (not a lone rank: no outlier alert)."""
+    results = run_ranks("replicated_fault", 2, faulty_params=[4, 0])
+    r0, r1 = results
+    assert r0["split"] and r1["split"]
+    assert 4 in r0["measured"] and 0 in r1["measured"]
+    assert sorted(r0["measured"] + r1["measured"]) == list(range(10)), "every parameter measured by exactly one rank"
+    assert [s["bad_layers"] for s in r0["steps"]] == [[], ["3.weight"], ["0.weight"]]
+    assert [s["rows"] for s in r0["steps"]] == [[0, 0], [1, 1], [1, 1]]
+    assert r1["steps"] == r0["steps"]
+
+
 def test_gradient_accumulation_reports_per_optimizer_step(run_ranks):
     results = run_ranks("reference", 2, wrap="ddp", steps=3, accumulate=3)
     steps = results[0]["steps"]

@@ -304,6 +304,55 @@ def test_a_publisher_without_sinks_queues_nothing():
     publisher.close()
 
 
+def test_packet_reused_for_the_same_spec_starts_from_zero():
+    from gradwatch.agent.packet import Counters, Entry, Packet, Reduce
+
+    packet = Packet([Entry("s", Reduce.SUM, 2), Entry("l", Reduce.LOCAL, 1), Entry("m", Reduce.MAX, 1)], torch.device("cpu"))
+    packet.put("s", torch.tensor([1.0, 2.0]))
+    packet.put("l", torch.tensor([3.0]))
+    packet.put("m", torch.tensor([4.0]))
+    assert packet.to_host(Counters()) == {"s": [1.0, 2.0], "m": [4.0], "l": [3.0]}
+    packet.clear()
+    assert packet.to_host(Counters()) == {"s": [0.0, 0.0], "m": [0.0], "l": [0.0]}
+
+
+def test_split_layers_balances_by_size_and_covers_every_layer():
+    from gradwatch.agent.grad_stats import split_layers
+
+    sizes = [1000, 10, 400, 600, 5, 990]
+    owner = split_layers(sizes, 2)
+    load = [sum(s for s, o in zip(sizes, owner) if o == r) for r in range(2)]
+    best = min(max(sum(s for i, s in enumerate(sizes) if mask >> i & 1), sum(s for i, s in enumerate(sizes) if not mask >> i & 1))
+               for mask in range(2 ** len(sizes)))
+    assert max(load) <= 7 / 6 * best  # largest-first's bound for two ranks (Graham: 4/3 - 1/(3m))
+    assert split_layers(sizes, 2) == owner  # a function of the sizes alone: every rank agrees
+    assert split_layers(sizes, 1) == [0] * 6
+    assert sorted(set(split_layers([3, 2], 4))) == [0, 1]  # more ranks than layers: some measure none
+
+
+def test_a_rank_of_a_split_that_measures_no_layer_writes_zeros():
+    """DDP with more ranks than layers: the idle rank's share is zeros (the SUM adds the others')."""
+    from gradwatch.agent.grad_stats import GradStats
+    from gradwatch.agent.packet import Counters, Packet
+
+    model = nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().backward()
+    plan = build_layer_plan(model, depth=None, max_layers=64)
+    stats = {r: GradStats(plan, torch.device("cpu"), sharded=False, rank=r, world_size=4, split=True) for r in range(4)}
+    totals = [0.0] * plan.num_layers
+    for r, grad_stats in stats.items():
+        packet = Packet(grad_stats.spec(with_detail=True, with_update=False), torch.device("cpu"))
+        grad_stats.add_gradients(packet)
+        grad_stats.add_weights(packet)
+        host = packet.to_host(Counters())
+        if not grad_stats._params:
+            assert host == {k: [0.0] * len(v) for k, v in host.items()}
+        totals = [a + b for a, b in zip(totals, host["grad_sumsq"])]
+    assert sum(1 for g in stats.values() if not g._params) == 4 - plan.num_layers
+    expected = [float(p.grad.pow(2).sum()) for p in model.parameters()]
+    assert totals == pytest.approx(expected)
+
+
 def test_float64_model_is_measured():
     torch.manual_seed(0)
     model = mixed_mlp().double()
