@@ -32,6 +32,10 @@ The configurations:
                  histograms); timed against a baseline of its own (its service process works on after
                  its steps and would slow whichever block came next)
 
+After the configurations, the price of one collective on this machine: an asynchronous all-reduce of
+64 doubles (the agent's packet is smaller) overlapped with compute, blocks with and without it in turn
+(the cross-rank view the agent pays for and the loop does not have).
+
 Scalar reads (`aten._local_scalar_dense`, i.e. `.item()`: a host-device sync on a GPU) and
 collectives (the c10d ops the dispatcher sees; "extra" = beyond the baseline's, i.e. DDP's or FSDP's
 own) are counted per step over 10 further, untimed steps (one of them a detail step) under a
@@ -199,7 +203,11 @@ class Runner:
 
 
 class Count(TorchDispatchMode):
-    """Scalar reads (`aten._local_scalar_dense`: `.item()`, a host-device sync on a GPU) and
+    """After the configurations, the price of one collective on this machine: an asynchronous all-reduce of
+64 doubles (the agent's packet is smaller) overlapped with compute, blocks with and without it in turn
+(the cross-rank view the agent pays for and the loop does not have).
+
+Scalar reads (`aten._local_scalar_dense`: `.item()`, a host-device sync on a GPU) and
     collectives (every op in the c10d namespaces: DDP's and FSDP's own, the agent's, and any a
     monitor issues through DTensor), as the dispatcher sees them."""
 
@@ -239,6 +247,29 @@ def counts(runner: Runner, steps: int = 10) -> tuple[float, float]:
         for _ in range(steps):
             runner.step()
     return mode.scalar_reads / steps, mode.collectives / steps
+
+
+def collective_price(blocks: int = 10, reps: int = 20) -> dict:
+    """What one asynchronous all-reduce of a packet-sized buffer (64 doubles) adds to a stretch of
+    compute that it overlaps (as the agent's overlaps the optimizer's step), on this machine: blocks
+    with and without it taken in turn, CPU (this process, every thread) and wall ms per all-reduce.
+    The price of the agent's cross-rank view, which the hand-written loop does not have."""
+    packet, work_tensor = torch.zeros(64, dtype=torch.float64), torch.randn(512, 512)
+    cost = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    for _ in range(blocks):
+        for with_collective in (False, True):
+            dist.barrier()
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(reps):
+                work = dist.all_reduce(packet, async_op=True) if with_collective else None
+                for _ in range(20):  # a few ms of compute
+                    work_tensor.mul_(1.0)
+                if work is not None:
+                    work.wait()
+            cost[with_collective][0] += time.process_time() - cpu
+            cost[with_collective][1] += time.perf_counter() - wall
+    n = blocks * reps
+    return dict(cpu_ms=1000 * (cost[True][0] - cost[False][0]) / n, wall_ms=1000 * (cost[True][1] - cost[False][1]) / n)
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -343,9 +374,10 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             for row in results[-len(args.configs):]:
                 if "failed" not in row and "failed" not in base:
                     row["extra_collectives_per_step"] = row["collectives_per_step"] - base["collectives_per_step"]
+    price = collective_price()
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(results, f)
+            json.dump(dict(results=results, collective=price), f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -377,9 +409,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = f.name
     started = time.time()
     mp.spawn(worker, args=(port, args, out), nprocs=WORLD, join=True)
-    results = json.load(open(out))
+    measured = json.load(open(out))
+    results = measured["results"]
     report = dict(machine=machine(), command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-                  seconds=round(time.time() - started), results=results)
+                  seconds=round(time.time() - started), results=results, collective=measured["collective"])
     print(f"{'model':5} {'wrap':5} {'config':12} {'step ms':>8} {'ratio':>6} {'p25-p75':>12} {'+ms/step':>9} "
           f"{'cpu ratio':>9} {'monitor ms':>10} {'.item()/step':>12} {'extra colls/step':>16}")
     for r in results:
@@ -389,6 +422,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{r['model']:5} {r['wrap']:5} {r['config']:12} {1000 * r['median_step_s']:8.1f} {r['ratio']:6.3f} "
                   f"{r['ratio_p25']:6.3f}-{r['ratio_p75']:5.3f} {r['added_ms']:9.1f} {r['cpu_ratio']:9.3f} {r['monitor_ms']:10.2f} "
                   f"{r['scalar_reads_per_step']:12.1f} {r.get('extra_collectives_per_step', float('nan')):16.1f}")
+    price = report["collective"]
+    print(f"one async all-reduce of 64 doubles, overlapped with compute: +{price['cpu_ms']:.2f} ms CPU, "
+          f"+{price['wall_ms']:.2f} ms wall on rank 0 (the agent makes 1 per step under DDP; the loop none)")
     print(f"({report['seconds']} s; {report['machine']})")
     if args.json:
         with open(args.json, "w") as f:

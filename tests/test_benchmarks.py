@@ -4,6 +4,7 @@ they are the evidence for the overhead and cardinality claims, so they must not 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ def test_overhead_counts_syncs_and_collectives_per_step(tmp_path: Path) -> None:
     assert rows["grad"]["extra_collectives_per_step"] == 1  # DDP: one all-reduce of the packet
     assert rows["peer-loop"]["extra_collectives_per_step"] == 0
     assert report["machine"]["ranks"] == 2 and "overhead.py" in report["command"]
+    assert set(report["collective"]) == {"cpu_ms", "wall_ms"} and all(math.isfinite(v) for v in report["collective"].values())
 
 
 def test_scale_counts_series_and_the_aggregator_alerts_on_the_sick_jobs(tmp_path: Path) -> None:
