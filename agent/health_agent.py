@@ -599,10 +599,11 @@ class HealthAgent:
             self._drop_activations()
             host = {k: v for k, v in host.items() if not k.startswith("act_")}
         grad_sumsq = host["grad_sumsq"]
+        layer_nonfinite = [not math.isfinite(v) for v in grad_sumsq]
         ranks = decode_ranks(slab, self.world_size)
         if self._grads.split:  # replicated gradients, each layer read on one rank: every copy has them
             for r in ranks:
-                r.nonfinite_layers = sum(1 for v in grad_sumsq if not math.isfinite(v))
+                r.nonfinite_layers = sum(layer_nonfinite)
         losses = [r.loss for r in ranks if r.loss is not None]
         stats = StepStats(
             step=step,
@@ -611,7 +612,7 @@ class HealthAgent:
             layers=self.layers,
             grad_norm=_sqrt(sum(grad_sumsq)),
             layer_grad_norm=[_sqrt(v) for v in grad_sumsq],
-            layer_grad_nonfinite=[not math.isfinite(v) for v in grad_sumsq],
+            layer_grad_nonfinite=layer_nonfinite,
             learning_rates=[float(group["lr"]) for group in optimizer.param_groups],
             ranks=ranks,
             loss_mean=sum(losses) / len(losses) if losses else None,

@@ -58,7 +58,6 @@ class Packet:
         names = [e.name for e in spec]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate packet entries in {names}")
-        self.spec = spec
         self._flat = torch.zeros(sum(e.size for e in spec), dtype=torch.float64, device=device)
         self.buffers: dict[Reduce, torch.Tensor] = {}
         self._views: dict[str, torch.Tensor] = {}

@@ -16,7 +16,7 @@ RANK_FIELDS = (
     "loss",                # this rank's local loss (mean of the tensor passed)
     "nonfinite_modules",   # hooked modules whose output was non-finite this step
     "first_bad_module",    # 1 + index of the module that went non-finite first (0 = none)
-    "nonfinite_layers",    # layers whose local gradient (shard) is non-finite
+    "nonfinite_layers",    # layers whose local gradient (shard) is non-finite (DDP split: set on the host)
     "step_seconds",        # wall time since this rank's previous step() returned
     "error",               # 1 if the agent failed on this rank this step (all ranks then back off)
 )

@@ -33,7 +33,7 @@ The configurations:
                  its steps and would slow whichever block came next)
 
 After the configurations, the price of one collective on this machine: an asynchronous all-reduce of
-64 doubles (the agent's packet is smaller) overlapped with compute, blocks with and without it in turn
+64 doubles (the size of the agent's packet on these models) overlapped with compute, blocks with and without it in turn
 (the cross-rank view the agent pays for and the loop does not have).
 
 Scalar reads (`aten._local_scalar_dense`, i.e. `.item()`: a host-device sync on a GPU) and
@@ -203,11 +203,7 @@ class Runner:
 
 
 class Count(TorchDispatchMode):
-    """After the configurations, the price of one collective on this machine: an asynchronous all-reduce of
-64 doubles (the agent's packet is smaller) overlapped with compute, blocks with and without it in turn
-(the cross-rank view the agent pays for and the loop does not have).
-
-Scalar reads (`aten._local_scalar_dense`: `.item()`, a host-device sync on a GPU) and
+    """Scalar reads (`aten._local_scalar_dense`: `.item()`, a host-device sync on a GPU) and
     collectives (every op in the c10d namespaces: DDP's and FSDP's own, the agent's, and any a
     monitor issues through DTensor), as the dispatcher sees them."""
 
