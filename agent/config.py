@@ -27,6 +27,11 @@ class AgentConfig(BaseSettings):
 
     job: str = Field("gradwatch", description="Job name, the `job` label of every series.")
     stats_every: int = Field(1, ge=1, description="Measure gradients and loss every N optimizer steps.")
+    combine_seconds: float = Field(
+        1.0, ge=0, le=600, description="Across ranks, mode observe: combine the measured steps of about this much training time "
+        "(at most 16) in one all-reduce and one host read; every step is still measured and published, at most about this late. "
+        "0 = read every measured step. One process, mode guard and a clip command in force read every measured step."
+    )
     activation_every: int = Field(
         10, ge=0, description="Full activation statistics every N steps (0 = no activation hooks)."
     )

@@ -104,8 +104,8 @@ class StatsCollector:
         for name, doc in (
             ("steps", "Optimizer steps taken through the agent."),
             ("nonfinite_steps", "Measured steps with a NaN/inf gradient, loss or activation."),
-            ("agent_collectives", "Collectives issued by the agent (documented: 0-2 per measured step)."),
-            ("agent_host_syncs", "Host-device syncs made by the agent (documented: 1 per measured step)."),
+            ("agent_collectives", "Collectives issued by the agent (documented: 0-2 per read of measured steps; docs/agent.md)."),
+            ("agent_host_syncs", "Host-device syncs made by the agent (documented: 1 per read of measured steps; docs/agent.md)."),
         ):
             c = CounterMetricFamily(f"gradwatch_{name}", doc, labels=["job"])
             c.add_metric([job], counters[name])

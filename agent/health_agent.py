@@ -4,17 +4,22 @@
   1. unscales AMP gradients (if a GradScaler is passed), so statistics are of true gradients;
   2. computes per-layer gradient and weight statistics on the device, and folds in the activation
      statistics the forward hooks accumulated since the last step;
-  3. starts 0-2 collectives (see packet.py) - the same on every rank, decided by the step counter alone;
+  3. across ranks in mode observe, keeps the packet until about `combine_seconds` of measured steps
+     are filled; then (at once in one process, in mode guard, or with a clip command in force) starts 0-2
+     collectives for all of them (see packet.py) - the same on every rank, decided by the step
+     counter and replicated state alone;
   4. steps the optimizer (through the scaler, if any) while they run, then waits for them and makes
-     the step's 1 host copy. In mode guard, or with a clip command in force, it waits and copies
-     before stepping instead: those decide from the reduced values;
-  5. hands the step's record to the exporter (rank 0) and to the background publisher.
+     their 1 host copy. In mode guard, or with a clip command in force, it waits and copies before
+     stepping instead: those decide from the reduced values;
+  5. hands each step's record, in order, to the exporter (rank 0) and to the background publisher.
 
-Costs per measured step (documented in docs/agent.md, counted in gradwatch_agent_* metrics):
-  norm work: every local parameter; under DDP outside mode guard, each rank's share of the layers.
-  host-device syncs: 1.
-  collectives: 0 in one process; DDP: 1 (SUM), 2 on activation-sampled steps (SUM + MAX);
-  FSDP: 1 (SUM), 2 on detail (max-abs, weight norms) and activation-sampled steps (SUM + MAX).
+Costs (documented in docs/agent.md, counted in gradwatch_agent_* metrics):
+  norm work per measured step: every local parameter; under DDP outside mode guard, each rank's share
+  of the layers.
+  host-device syncs: 1 per combination (per measured step in one process and in mode guard).
+  collectives: 0 in one process; per combination, DDP: 1 (SUM), 2 if one of its steps is
+  activation-sampled (SUM + MAX); FSDP: 1 (SUM), 2 if one is a detail (max-abs, weight norms) or
+  activation-sampled step.
 
 Fail-open: an exception inside the agent never reaches the training loop. A failure on one rank is
 raised as a flag inside the next all-reduce, so every rank switches the failed feature off at the
@@ -36,12 +41,13 @@ import torch
 
 from ..aggregator.commands import decode, encode
 from .activations import ActivationMonitor
+from .closing import ClosingGroup
 from .config import AgentConfig
 from .exporter import AgentState, MetricsServer
 from .grad_stats import GradStats
 from .guard import Decision, Guard
 from .layers import build_layer_plan
-from .packet import Counters, Entry, Packet, Reduce
+from .packet import Combined, Counters, Entry, Packet, Reduce
 from .publisher import JsonlSink, Publisher
 from .remote import CommandClient
 from .stats import (
@@ -59,6 +65,10 @@ if TYPE_CHECKING:
     from .alerting import EmbeddedRules
 
 log = logging.getLogger("gradwatch.agent")
+
+# The most measured steps one combination holds (combine_seconds sets how many, up to this): bounds the
+# packets kept, and what a lone close() can drop.
+MAX_COMBINED = 16
 
 
 def _scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -121,13 +131,23 @@ def _ratio(update_sumsq: float, base_sumsq: float) -> float:
 
 
 @dataclass
-class _InFlight:
-    """A measured step whose packet is being reduced."""
+class _Measured:
+    """A measured step whose packet is filled and waits to be combined with the next ones."""
 
     step: int
     packet: Packet
     amp: bool
     seconds: float  # the agent's own time on this step so far
+    time: float  # wall-clock time it was measured
+    learning_rates: list[float]
+
+
+@dataclass
+class _InFlight:
+    """Measured steps whose packets are being reduced together."""
+
+    steps: list[_Measured]
+    combined: Combined
 
 
 class HealthAgent:
@@ -158,7 +178,9 @@ class HealthAgent:
         self._clip_norm: Optional[float] = None  # set_clip_norm in force (identical on every rank)
         self._lr_factor = 1.0  # product of scale_lr factors in force (reset divides it back out)
         self._skip_left = 0  # skip_steps still to skip
-        self._packets: dict[tuple[Entry, ...], Packet] = {}
+        self._packets: dict[tuple[tuple[Entry, ...], int], Packet] = {}  # (spec, place in the combination) -> packet
+        self._window: list[_Measured] = []  # measured steps not yet combined (mode observe)
+        self._combine = 1  # measured steps per combination: from reduced step times, so equal on every rank
         self._arrived: list[list[float]] = []  # [seq, kind code, value] read from reduced packets, not yet applied
         self._sent: dict[int, Any] = {}  # rank 0: seq -> Command it put on the wire
         self._on_halt = on_halt
@@ -198,6 +220,12 @@ class HealthAgent:
                 except Exception as exc:
                     self._fail("jsonl", exc)
         self._publisher = Publisher(sinks, self._fail)
+        self._closing: Optional[ClosingGroup] = None  # reads the steps still pending at close()
+        if self.world_size > 1 and self._enabled["stats"] and self.config.mode == "observe" and self.config.combine_seconds > 0:
+            try:
+                self._closing = ClosingGroup()
+            except Exception as exc:
+                self._fail("stats", exc, disable=False)  # counted; the pending steps are dropped at close()
         self._remote: Optional[CommandClient] = None
         if self.rank == 0 and self._enabled["stats"] and self.config.aggregator_url and self.config.aggregator_token:
             self._remote = CommandClient(self.config.aggregator_url, self.config.aggregator_token.get_secret_value(),
@@ -311,7 +339,7 @@ class HealthAgent:
         measured = self._enabled["stats"] and self._measured(step)
         in_flight = self._measure(step, optimizer, loss, scaler) if measured else None
         if in_flight is not None and self._decides_from_stats():
-            self._finish(in_flight, optimizer)
+            self._finish(in_flight)
             in_flight = None
             self._apply_commands(step, optimizer)  # read with this step's packet
         decision = self._decide(step)
@@ -328,7 +356,7 @@ class HealthAgent:
         finally:
             self._in_step = False
             if in_flight is not None:  # observe mode: the reduction ran while the optimizer stepped
-                self._finish(in_flight, optimizer)
+                self._finish(in_flight)
         self._step += 1
         self.state.steps_total = self._step
         if self._acts is not None and self._enabled["stats"]:
@@ -348,16 +376,30 @@ class HealthAgent:
             self.state.eval_loss = loss
 
     def close(self) -> None:
-        """Flush the sinks and stop the metrics server and hooks. Safe to call twice."""
+        """Read and publish the measured steps not yet combined, then flush the sinks and stop the
+        metrics server and hooks. Safe to call twice.
+
+        Across ranks the pending steps are read on a gloo group of the agent's own (closing.py): if
+        not every rank closes within its timeout with the same steps pending, they are dropped (logged)."""
+        self._guarded("stats", self._close_window)
         for feature, part in (("export", self._remote), ("export", self._publisher), ("jsonl", self._jsonl), ("export", self.metrics), ("activations", self._acts)):
             if part is not None:
                 self._guarded(feature, part.close)
         self._jsonl, self.metrics, self._remote = None, None, None
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait (bounded) until every measured step so far has reached the JSON lines file and listeners
-        (or was dropped because they fell behind); False if the time ran out first."""
+        """Wait (bounded) until every measured step read so far (combined, across ranks) has reached the
+        JSON lines file and listeners (or was dropped because they fell behind); False if the time ran
+        out first."""
         return self._publisher.flush(timeout)
+
+    def _close_window(self) -> None:
+        window, self._window = self._window, []
+        if not window or not self._enabled["stats"] or self._closing is None:
+            return
+        hosts = self._closing.read([m.packet for m in window], [m.step for m in window], self.world_size, self.counters)
+        if hosts is not None:
+            self._publish_all(window, hosts, 0.0)
 
     def __enter__(self) -> "HealthAgent":
         return self
@@ -497,10 +539,10 @@ class HealthAgent:
             spec += self._acts.spec(self._activation_due(step))
         return spec
 
-    def _packet(self, spec: list[Entry]) -> Packet:
-        """The packet for this spec, zeroed: a handful of specs recur (detail, update and activation
-        steps), so each is laid out once."""
-        key = tuple(spec)
+    def _packet(self, spec: list[Entry], place: int) -> Packet:
+        """The packet for this spec at this place in the combination, zeroed: a handful of specs recur
+        (detail, update and activation steps), so each is laid out once per place."""
+        key = (tuple(spec), place)
         packet = self._packets.get(key)
         if packet is None:
             packet = self._packets[key] = Packet(spec, self.topology.device)
@@ -508,40 +550,74 @@ class HealthAgent:
             packet.clear()
         return packet
 
-    def _measure(self, step: int, optimizer: torch.optim.Optimizer, loss: Any, scaler: Any) -> Optional["_InFlight"]:
-        """Fill the step's packet and start its reduction; `_finish` reads it."""
+    def _measure(self, step: int, optimizer: torch.optim.Optimizer, loss: Any, scaler: Any) -> Optional[_InFlight]:
+        """Fill the step's packet; once the combination's steps are filled (every step when deciding
+        from them), start their reduction, which `_finish` reads."""
         started = time.perf_counter()
         try:
-            packet = self._packet(self._spec(step))
+            packet = self._packet(self._spec(step), len(self._window))
         except Exception as exc:
             self._fail("stats", exc)
+            self._window = []
             return None
         row = packet.slot("ranks").view(self.world_size, len(RANK_FIELDS))[self.rank]
         stats_ok = scaler is None or self._guarded("stats", lambda: self._unscale(scaler, optimizer))
         stats_ok = stats_ok and self._guarded("stats", lambda: self._fill_local(packet, row, loss))
         acts_ok = self._acts is None or self._guarded("activations", lambda: self._fill_activations(packet, row))
         row[RANK_INDEX["error"]].fill_(float((not stats_ok) + 2 * (not acts_ok)))
+        amp = scaler is not None and scaler.is_enabled()
+        measured = _Measured(step, packet, amp, 0.0, time.time(), [float(group["lr"]) for group in optimizer.param_groups])
+        self._window.append(measured)
+        # A function of the step counter and of replicated state only: every rank combines at the same step.
+        if self.world_size > 1 and len(self._window) < self._combine and not self._decides_from_stats():
+            measured.seconds = time.perf_counter() - started
+            return None
+        window, self._window = self._window, []
         try:
-            packet.start_reduce(None, self.world_size, self.counters)
+            combined = Combined([m.packet for m in window], None, self.world_size, self.counters)
         except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
             self._fail("stats", exc)
             return None
-        amp = scaler is not None and scaler.is_enabled()
-        return _InFlight(step, packet, amp, time.perf_counter() - started)
+        measured.seconds = time.perf_counter() - started
+        return _InFlight(window, combined)
 
-    def _finish(self, flight: "_InFlight", optimizer: torch.optim.Optimizer) -> None:
-        """Wait for the step's reduction, take its command, decode and publish its statistics."""
-        started = time.perf_counter() - flight.seconds  # agent_seconds: the agent's own time, not the optimizer's
+    def _finish(self, flight: _InFlight) -> None:
+        """Wait for the steps' reduction, take their commands, decode and publish them in order."""
+        started = time.perf_counter()
         try:
-            host = flight.packet.to_host(self.counters)
+            hosts = flight.combined.to_host(self.counters)
         except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
             self._fail("stats", exc)
             return
-        if host["command"][0]:
-            self._arrived.append(host["command"])
-        # Decoding reads only values every rank holds identically, so if it fails it fails everywhere,
-        # and every rank switches statistics off at the same step.
-        self._guarded("stats", lambda: self._publish(flight.step, host, optimizer, started, flight.amp), disable=True)
+        self._publish_all(flight.steps, hosts, time.perf_counter() - started)
+        self._combine = self._steps_to_combine(hosts)
+
+    def _steps_to_combine(self, hosts: list[dict[str, list[float]]]) -> int:
+        """How many measured steps the next combination holds: as many of the slowest step just read
+        (on its slowest rank) as fit in `combine_seconds`, and at most twice as many as were just read,
+        so one unrepresentative step (the first one timed from construction) cannot jump to 16. Reduced
+        values only, identical on every rank, so every rank combines the same steps."""
+        if self.world_size == 1 or self.config.combine_seconds == 0:
+            return 1
+        width, at = len(RANK_FIELDS), RANK_INDEX["step_seconds"]
+        pace = max(h["ranks"][r * width + at] for h in hosts for r in range(self.world_size)) * self.config.stats_every
+        if not pace > 0:
+            return 1
+        fit = min(self.config.combine_seconds / pace, MAX_COMBINED)
+        return max(1, min(2 * len(hosts), int(fit)))
+
+    def _publish_all(self, steps: list[_Measured], hosts: list[dict[str, list[float]]], read_seconds: float) -> None:
+        """Take the steps' commands and publish them in order; `read_seconds` was paid by the last."""
+        for measured, host in zip(steps, hosts):
+            if not self._enabled["stats"]:
+                break
+            if host["command"][0]:
+                self._arrived.append(host["command"])
+            # agent_seconds: the agent's own time on the step, not the optimizer's or other steps'
+            own = measured.seconds + (read_seconds if measured is steps[-1] else 0.0)
+            # Decoding reads only values every rank holds identically, so if it fails it fails
+            # everywhere, and every rank switches statistics off at the same step.
+            self._guarded("stats", lambda: self._publish(measured, host, time.perf_counter() - own), disable=True)
         if not self._enabled["stats"]:
             self._drop_activations()  # the same decision on every rank: stop paying for hooks
 
@@ -587,7 +663,8 @@ class HealthAgent:
             if "unscale_() has already been called" not in str(exc):
                 raise
 
-    def _publish(self, step: int, host: dict[str, list[float]], optimizer: torch.optim.Optimizer, started: float, amp: bool) -> None:
+    def _publish(self, measured: _Measured, host: dict[str, list[float]], started: float) -> None:
+        step, amp = measured.step, measured.amp
         slab = host["ranks"]
         errors = [int(slab[r * len(RANK_FIELDS) + RANK_INDEX["error"]]) for r in range(self.world_size)]
         if any(e & 1 for e in errors):
@@ -607,13 +684,13 @@ class HealthAgent:
         losses = [r.loss for r in ranks if r.loss is not None]
         stats = StepStats(
             step=step,
-            time=time.time(),
+            time=measured.time,
             world_size=self.world_size,
             layers=self.layers,
             grad_norm=_sqrt(sum(grad_sumsq)),
             layer_grad_norm=[_sqrt(v) for v in grad_sumsq],
             layer_grad_nonfinite=layer_nonfinite,
-            learning_rates=[float(group["lr"]) for group in optimizer.param_groups],
+            learning_rates=measured.learning_rates,
             ranks=ranks,
             loss_mean=sum(losses) / len(losses) if losses else None,
             loss_max=max(losses) if losses else None,

@@ -38,7 +38,7 @@ After the configurations, the price of one collective on this machine: an asynch
 
 Scalar reads (`aten._local_scalar_dense`, i.e. `.item()`: a host-device sync on a GPU) and
 collectives (the c10d ops the dispatcher sees; "extra" = beyond the baseline's, i.e. DDP's or FSDP's
-own) are counted per step over 10 further, untimed steps (one of them a detail step) under a
+own) are counted per step over 20 further, untimed steps (two of them detail steps) under a
 dispatch mode.
 """
 
@@ -236,8 +236,9 @@ def timed_block(runner: Runner, steps: int) -> Sample:
     return wall_s / WORLD / steps, cpu_s / steps, monitor_wall_s / WORLD / steps, monitor_cpu_s / WORLD / steps
 
 
-def counts(runner: Runner, steps: int = 10) -> tuple[float, float]:
-    """Per step, over one detail cycle (10 steps, one of them a detail step): scalar reads, collectives."""
+def counts(runner: Runner, steps: int = 20) -> tuple[float, float]:
+    """Per step, over two detail cycles (20 steps, two of them detail steps, and at least one of the
+    agent's combinations of up to 16 steps): scalar reads, collectives."""
     mode = Count()
     with mode:
         for _ in range(steps):

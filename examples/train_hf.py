@@ -95,8 +95,10 @@ class StepLog(TrainerCallback):
 
 def build(args: argparse.Namespace, output_dir: str, *extra: TrainerCallback) -> Trainer:
     # gradwatch clips (at 1.0, and adaptive spikes) in place of the Trainer, so it sees raw norms.
+    # StepLog sets each step's statistics beside the Trainer's log line of that step, so every step is
+    # read as it happens (combine_seconds=0) rather than combined with the next ones across ranks.
     gradwatch = GradwatchCallback(job="example-hf", mode=args.mode, metrics_port=args.metrics_port,
-                                  activation_every=5, guard_warmup_steps=5, guard_max_norm=1.0)
+                                  activation_every=5, guard_warmup_steps=5, guard_max_norm=1.0, combine_seconds=0)
     callbacks: list[TrainerCallback] = [gradwatch, StepLog(gradwatch, Path(args.report) if args.report else None)]
     if args.nan_at_step is not None:
         callbacks.append(PoisonGradient(args.nan_at_step))

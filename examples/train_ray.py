@@ -51,7 +51,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         agent.step(optimizer, loss=loss)
         optimizer.zero_grad()
         st = agent.last_stats
-        history.append({"step": step, "lr": optimizer.param_groups[0]["lr"],
+        # the newest step read so far: across workers, steps are combined and read together (combine_seconds)
+        history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], "published": st.step if st else None,
                         "grad_norm": st.grad_norm if st else None, "loss": st.loss_mean if st else None})
         if out and rank == 0 and step == 0:
             open(os.path.join(out, "training"), "w").close()  # for a test waiting to send a command

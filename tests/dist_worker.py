@@ -55,6 +55,31 @@ def layer_norms(model: nn.Module, attr: str) -> list[float]:
     return [float(getattr(p, attr).norm()) if getattr(p, attr) is not None else 0.0 for p in model.parameters()]
 
 
+def combining(p: dict) -> dict:
+    """Agent settings for a scenario: with `combine` = N, combinations of N measured steps after the
+    first (which is read at once, before any pace is known); else every step read."""
+    if "combine" not in p:
+        return dict(combine_seconds=0)
+    from gradwatch.agent import health_agent
+
+    health_agent.MAX_COMBINED = p["combine"]
+    return dict(combine_seconds=600)
+
+
+def published_stats(agent: HealthAgent) -> list:
+    """Every step's statistics as this rank publishes them, in order (combined steps arrive together,
+    so `last_stats` after a step shows only the newest)."""
+    published = []
+    publish = agent._publish
+
+    def capture(*args, **kwargs):
+        publish(*args, **kwargs)
+        published.append(agent.last_stats)
+
+    agent._publish = capture
+    return published
+
+
 # ---- scenarios ---------------------------------------------------------------------------------
 
 
@@ -67,8 +92,10 @@ def reference(p: dict) -> dict:
     wrapped = wrap(model, p["wrap"])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    agent = HealthAgent(wrapped, opt, job="ref", metrics_port=None, activation_every=2, update_ratio_every=2, detail_every=p.get("detail_every", 1))
-    steps = []
+    agent = HealthAgent(wrapped, opt, job="ref", metrics_port=None, activation_every=2, update_ratio_every=2,
+                        detail_every=p.get("detail_every", 1), **combining(p))
+    published = published_stats(agent)
+    refs = []
     for step in range(p.get("steps", 4)):
         ref_before = [w.detach().clone() for w in ref.parameters()]
         losses = []
@@ -86,17 +113,15 @@ def reference(p: dict) -> dict:
         ref_update = [float((w.detach() - b).norm() / b.norm()) if b.norm() > 0 else math.nan for w, b in zip(ref.parameters(), ref_before)]
         opt.zero_grad()
         ref_opt.zero_grad()
-        st = agent.last_stats
-        steps.append(dict(
-            step=st.step,
-            agent_grad=st.layer_grad_norm, ref_grad=ref_grad,
-            agent_global=st.grad_norm, ref_global=math.sqrt(sum(g * g for g in ref_grad)),
-            agent_max=st.layer_grad_max_abs, ref_max=ref_max,
-            agent_weight=st.layer_weight_norm, ref_weight=ref_weight,
-            agent_update=st.layer_update_ratio, update_step=st.update_step, ref_update=ref_update,
-            loss_mean=st.loss_mean,
-        ))
+        refs.append(dict(ref_grad=ref_grad, ref_global=math.sqrt(sum(g * g for g in ref_grad)), ref_max=ref_max,
+                         ref_weight=ref_weight, ref_update=ref_update))
     agent.close()
+    steps = [dict(
+        step=st.step,
+        agent_grad=st.layer_grad_norm, agent_global=st.grad_norm, agent_max=st.layer_grad_max_abs,
+        agent_weight=st.layer_weight_norm, agent_update=st.layer_update_ratio, update_step=st.update_step,
+        loss_mean=st.loss_mean, **refs[st.step],
+    ) for st in published]
     return dict(steps=steps, layers=list(agent.layers), collectives=agent.counters.collectives,
                 syncs=agent.counters.host_syncs, sharding=agent.topology.sharding)
 
@@ -150,7 +175,7 @@ def nan_inject(p: dict) -> dict:
     target.register_forward_hook(poison)
     model = wrap(model, p.get("wrap", "ddp"))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    agent = HealthAgent(model, opt, job="nan", metrics_port=None, activation_every=p.get("activation_every", 10))
+    agent = HealthAgent(model, opt, job="nan", metrics_port=None, activation_every=p.get("activation_every", 10), **combining(p))
     for step in range(p["step"] + 3):
         state["step"] = step
         x, y = global_batch(step)
@@ -158,8 +183,8 @@ def nan_inject(p: dict) -> dict:
         loss.backward()
         agent.step(opt, loss=loss)
         opt.zero_grad()
+    agent.close()  # reads the steps still pending
     o = agent.nan_origin
-    agent.close()
     return dict(origin=None if o is None else dict(step=o.step, kind=o.kind, layer=o.layer, ranks=list(o.ranks)))
 
 
@@ -168,7 +193,7 @@ def prometheus(p: dict) -> dict:
     torch.manual_seed(0)
     model = wrap(mixed_mlp(), p.get("wrap", "ddp"))
     opt = torch.optim.SGD([{"params": list(model.parameters())[:4]}, {"params": list(model.parameters())[4:], "lr": 0.05}], lr=0.01)
-    agent = HealthAgent(model, opt, job="prom-test", metrics_port=0, metrics_addr="127.0.0.1", activation_every=2, update_ratio_every=1)
+    agent = HealthAgent(model, opt, job="prom-test", metrics_port=0, metrics_addr="127.0.0.1", activation_every=2, update_ratio_every=1, **combining(p))
     scrapes = []
     for step in range(6):
         x, y = global_batch(step)
@@ -192,7 +217,7 @@ def failopen(p: dict) -> dict:
     torch.manual_seed(0)
     model = wrap(mixed_mlp(), "ddp")
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    agent = HealthAgent(model, opt, job="fail", metrics_port=None, activation_every=1)
+    agent = HealthAgent(model, opt, job="fail", metrics_port=None, activation_every=1, **combining(p))
     feature = p["feature"]
     for step in range(8):
         if step == 3 and RANK == 1:
@@ -239,7 +264,7 @@ def frozen_unused(p: dict) -> dict:
     torch.manual_seed(0)
     model = wrap(Net(), "ddp", find_unused_parameters=True)
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1e-2)
-    agent = HealthAgent(model, opt, job="frozen", metrics_port=None)
+    agent = HealthAgent(model, opt, job="frozen", metrics_port=None, **combining(p))
     for step in range(3):
         x, y = global_batch(step)
         loss = nn.functional.mse_loss(model(local_slice(x)), local_slice(y))
@@ -258,7 +283,7 @@ def replicated_fault(p: dict) -> dict:
     torch.manual_seed(0)
     model = wrap(mixed_mlp(), "ddp")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    agent = HealthAgent(model, opt, job="split", metrics_port=None)
+    agent = HealthAgent(model, opt, job="split", metrics_port=None, **combining(p))
     params = list(model.parameters())
     seen = []
     for step, index in enumerate([None, *p["faulty_params"]]):
@@ -280,6 +305,38 @@ def replicated_fault(p: dict) -> dict:
     return dict(steps=seen, measured=measured, split=agent._grads.split)
 
 
+def lone_close(p: dict) -> dict:
+    """Mode observe, combinations {0}, {1, 2}, then step 3 pending. Rank 1 closes at once, as on an exception;
+    rank 0 goes on with a collective of its own on the training group, then closes only after rank 1
+    gave up. Rank 1's close-time read must not pair with rank 0's collective, and neither close may
+    hang: both drop the pending steps after the timeout."""
+    from gradwatch.agent import closing
+
+    closing.TIMEOUT_S = p["timeout_s"]
+    torch.manual_seed(0)
+    model = wrap(mixed_mlp(), "ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    agent = HealthAgent(model, opt, job="lone", metrics_port=None, **combining(dict(combine=10)))
+    published = published_stats(agent)
+    for step in range(4):
+        x, y = global_batch(step)
+        nn.functional.mse_loss(model(local_slice(x)), local_slice(y)).backward()
+        agent.step(opt)
+        opt.zero_grad()
+    started = time.monotonic()
+    if RANK == 1:
+        agent.close()
+    closed_s = time.monotonic() - started
+    mine = torch.tensor([float(RANK + 1)])
+    dist.all_reduce(mine)  # the user's own collective, on the training group
+    if RANK == 0:
+        time.sleep(p["timeout_s"] + 1)
+        started = time.monotonic()
+        agent.close()
+        closed_s = time.monotonic() - started
+    return dict(published=len(published), closed_s=closed_s, user_sum=float(mine))
+
+
 def activations(p: dict) -> dict:
     """Dead units and saturation are judged over the *global* batch (reduced across ranks)."""
     lin = nn.Linear(8, 8)
@@ -292,7 +349,7 @@ def activations(p: dict) -> dict:
         model[2].bias.zero_()
     model = wrap(model, "ddp")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    agent = HealthAgent(model, opt, job="acts", metrics_port=None, activation_every=1)
+    agent = HealthAgent(model, opt, job="acts", metrics_port=None, activation_every=1, **combining(p))
     # rank 0: units 0-3 negative (zero after ReLU), 4-7 positive; rank 1: unit 0 positive, others negative.
     sign = torch.tensor([-1.0] * 4 + [1.0] * 4) if RANK == 0 else torch.tensor([1.0] + [-1.0] * 7)
     for step in range(3):
@@ -440,7 +497,7 @@ def commands(p: dict) -> dict:
     return dict(history=history, final=_digest(model.parameters()), step_seconds=step_seconds)
 
 
-SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, replicated_fault, activations, alerting, guard, commands)}
+SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, replicated_fault, lone_close, activations, alerting, guard, commands)}
 
 
 def main() -> None:

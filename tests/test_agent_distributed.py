@@ -21,9 +21,12 @@ def assert_close(agent: list[float], ref: list[float], what: str) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_norms_equal_single_process_reference(run_ranks, wrap, world_size):
-    results = run_ranks("reference", world_size, wrap=wrap, steps=4)
+    """Steps combined (at most 2 here): {0} (read at once: no pace known yet), {1, 2}, {3, 4}; step 5, still pending
+    when training ends, is read by close(). Every step published, in order, exact."""
+    results = run_ranks("reference", world_size, wrap=wrap, steps=6, combine=2)
     r0 = results[0]
     assert r0["sharding"] == wrap
+    assert [s["step"] for s in r0["steps"]] == [0, 1, 2, 3, 4, 5]
     for step in r0["steps"]:
         assert_close(step["agent_grad"], step["ref_grad"], f"step {step['step']} layer grad norm")
         assert_close(step["agent_max"], step["ref_max"], f"step {step['step']} layer grad max-abs")
@@ -38,11 +41,18 @@ def test_norms_equal_single_process_reference(run_ranks, wrap, world_size):
     # every rank computed the same statistics (they decide from them)
     for other in results[1:]:
         assert [s["agent_grad"] for s in other["steps"]] == [s["agent_grad"] for s in r0["steps"]]
-    # the documented collective budget: DDP 1 per step + 1 more on activation steps; FSDP 2 per step
-    activation_steps = 2  # steps 0 and 2 of 4 (activation_every=2)
-    expected = 4 + activation_steps if wrap == "ddp" else 2 * 4
-    assert r0["collectives"] == expected
+    # the documented budget, per combination: one SUM, one MAX if any of its steps has MAX entries
+    # (DDP: activation steps 0, 2, 4; FSDP: every step, detail_every=1), one sync; close() adds one small
+    # all-reduce that checks every rank holds the same steps
+    assert r0["collectives"] == 3 * 2 + 1 + (1 if wrap == "ddp" else 2)
     assert r0["syncs"] == 4
+
+
+def test_a_lone_close_neither_hangs_nor_pairs_with_a_training_collective(run_ranks):
+    r0, r1 = run_ranks("lone_close", 2, timeout_s=3)
+    assert r0["user_sum"] == r1["user_sum"] == 3.0  # the user's all-reduce met its own kind
+    assert r0["published"] == r1["published"] == 3  # steps 0-2 read in training; the pending 3 dropped, not half-read
+    assert 3 <= r1["closed_s"] < 10 and r0["closed_s"] < 10
 
 
 def test_fsdp_issues_the_max_all_reduce_only_on_detail_and_activation_steps(run_ranks):
@@ -92,10 +102,13 @@ def test_seed003_exploding_regression_reports_step_and_layer(run_ranks):
     assert r1["origin"] == origin  # every rank knows the same origin
 
 
-@pytest.mark.parametrize("activation_every", [10, 1])
-def test_nan_injected_on_one_rank_is_attributed(run_ranks, activation_every):
-    # step 5 is not a sampled activation step when activation_every=10: the every-step sentinel catches it
-    results = run_ranks("nan_inject", 2, rank=1, module=4, step=5, activation_every=activation_every)
+@pytest.mark.parametrize("activation_every, combine", [(10, 4), (1, None)])
+def test_nan_injected_on_one_rank_is_attributed(run_ranks, activation_every, combine):
+    # step 5 is not a sampled activation step when activation_every=10: the every-step sentinel catches
+    # it; combined up to 4 at a time ({0}, {1, 2}, {3-6}, then 7 at close) it is read with steps 3-6
+    # and still attributed to step 5
+    extra = {} if combine is None else dict(combine=combine)
+    results = run_ranks("nan_inject", 2, rank=1, module=4, step=5, activation_every=activation_every, **extra)
     assert results[0]["origin"] == {"step": 5, "kind": "activation", "layer": "4", "ranks": [1]}
 
 

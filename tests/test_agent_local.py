@@ -257,19 +257,44 @@ def test_metrics_port_in_use_fails_open(caplog):
 def test_packet_max_transport_keeps_inf_and_nan_non_finite(tmp_path):
     import torch.distributed as dist
 
-    from gradwatch.agent.packet import Counters, Entry, Packet, Reduce
+    from gradwatch.agent.packet import Combined, Counters, Entry, Packet, Reduce
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         packet = Packet([Entry("m", Reduce.MAX, 3), Entry("s", Reduce.SUM, 1)], torch.device("cpu"))
         packet.put("m", torch.tensor([float("inf"), float("nan"), 2.0]))
         counters = Counters()
-        packet.start_reduce(None, 2, counters)  # world_size>1: the collectives are really issued
-        host = packet.to_host(counters)
+        host = Combined([packet], None, 2, counters).to_host(counters)[0]  # world_size>1: the collectives are really issued
     finally:
         dist.destroy_process_group()
     assert host["m"] == [float("inf"), float("inf"), 2.0]
     assert counters.collectives == 2 and counters.host_syncs == 1
+
+
+def test_combined_packets_of_different_specs_travel_in_two_collectives_and_one_copy(tmp_path):
+    """Steps with different specs (a detail step has MAX entries, a plain one none) combine: one
+    all-reduce per op over all of them, the reduced values back in each step's own entries."""
+    import torch.distributed as dist
+
+    from gradwatch.agent.packet import Combined, Counters, Entry, Packet, Reduce
+
+    plain = [Entry("s", Reduce.SUM, 2), Entry("l", Reduce.LOCAL, 1)]
+    detail = plain + [Entry("m", Reduce.MAX, 2)]
+    packets = [Packet(spec, torch.device("cpu")) for spec in (plain, detail, plain)]
+    for i, packet in enumerate(packets):
+        packet.put("s", torch.tensor([i, 10.0 * i]))
+        packet.put("l", torch.tensor([-i]))
+    packets[1].put("m", torch.tensor([float("nan"), 5.0]))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        counters = Counters()
+        hosts = Combined(packets, None, 2, counters).to_host(counters)
+    finally:
+        dist.destroy_process_group()
+    assert counters.collectives == 2 and counters.host_syncs == 1
+    assert hosts == [{"s": [0.0, 0.0], "l": [0.0]},
+                     {"s": [1.0, 10.0], "m": [float("inf"), 5.0], "l": [-1.0]},
+                     {"s": [2.0, 20.0], "l": [-2.0]}]
 
 
 def test_publisher_drops_the_oldest_when_behind_and_still_flushes():
@@ -305,15 +330,15 @@ def test_a_publisher_without_sinks_queues_nothing():
 
 
 def test_packet_reused_for_the_same_spec_starts_from_zero():
-    from gradwatch.agent.packet import Counters, Entry, Packet, Reduce
+    from gradwatch.agent.packet import Combined, Counters, Entry, Packet, Reduce
 
     packet = Packet([Entry("s", Reduce.SUM, 2), Entry("l", Reduce.LOCAL, 1), Entry("m", Reduce.MAX, 1)], torch.device("cpu"))
     packet.put("s", torch.tensor([1.0, 2.0]))
     packet.put("l", torch.tensor([3.0]))
     packet.put("m", torch.tensor([4.0]))
-    assert packet.to_host(Counters()) == {"s": [1.0, 2.0], "m": [4.0], "l": [3.0]}
+    assert Combined([packet], None, 1, Counters()).to_host(Counters()) == [{"s": [1.0, 2.0], "m": [4.0], "l": [3.0]}]
     packet.clear()
-    assert packet.to_host(Counters()) == {"s": [0.0, 0.0], "m": [0.0], "l": [0.0]}
+    assert Combined([packet], None, 1, Counters()).to_host(Counters()) == [{"s": [0.0, 0.0], "m": [0.0], "l": [0.0]}]
 
 
 def test_split_layers_balances_by_size_and_covers_every_layer():
@@ -333,7 +358,7 @@ def test_split_layers_balances_by_size_and_covers_every_layer():
 def test_a_rank_of_a_split_that_measures_no_layer_writes_zeros():
     """DDP with more ranks than layers: the idle rank's share is zeros (the SUM adds the others')."""
     from gradwatch.agent.grad_stats import GradStats
-    from gradwatch.agent.packet import Counters, Packet
+    from gradwatch.agent.packet import Combined, Counters, Packet
 
     model = nn.Linear(3, 2)
     model(torch.randn(4, 3)).sum().backward()
@@ -344,7 +369,7 @@ def test_a_rank_of_a_split_that_measures_no_layer_writes_zeros():
         packet = Packet(grad_stats.spec(with_detail=True, with_update=False), torch.device("cpu"))
         grad_stats.add_gradients(packet)
         grad_stats.add_weights(packet)
-        host = packet.to_host(Counters())
+        host = Combined([packet], None, 1, Counters()).to_host(Counters())[0]
         if not grad_stats._params:
             assert host == {k: [0.0] * len(v) for k, v in host.items()}
         totals = [a + b for a, b in zip(totals, host["grad_sumsq"])]

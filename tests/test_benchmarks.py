@@ -35,7 +35,8 @@ def test_overhead_counts_syncs_and_collectives_per_step(tmp_path: Path) -> None:
     # the hand-written loop: a norm per tensor and the loss every step, max-abs and weight norm per tensor on 1 step in 10
     assert rows["peer-loop"]["scalar_reads_per_step"] == pytest.approx(params + params + 1 + 2 * params / 10)
     assert rows["baseline"]["collectives_per_step"] >= 1  # DDP's own bucket all-reduces, seen by the dispatcher
-    assert rows["grad"]["extra_collectives_per_step"] == 1  # DDP: one all-reduce of the packet
+    # DDP: one all-reduce per combination of steps (about combine_seconds of them, at most 16)
+    assert 0 < rows["grad"]["extra_collectives_per_step"] <= 0.5
     assert rows["peer-loop"]["extra_collectives_per_step"] == 0
     assert report["machine"]["ranks"] == 2 and "overhead.py" in report["command"]
     assert set(report["collective"]) == {"cpu_ms", "wall_ms"} and all(math.isfinite(v) for v in report["collective"].values())
