@@ -421,7 +421,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"{r['scalar_reads_per_step']:12.1f} {r.get('extra_collectives_per_step', float('nan')):16.1f}")
     price = report["collective"]
     print(f"one async all-reduce of 64 doubles, overlapped with compute: +{price['cpu_ms']:.2f} ms CPU, "
-          f"+{price['wall_ms']:.2f} ms wall on rank 0 (the agent makes 1 per step under DDP; the loop none)")
+          f"+{price['wall_ms']:.2f} ms wall on rank 0 (the agent makes 1 per combination of steps under DDP; the loop none)")
     print(f"({report['seconds']} s; {report['machine']})")
     if args.json:
         with open(args.json, "w") as f:
