@@ -32,6 +32,12 @@ The configurations:
                  histograms); timed against a baseline of its own (its service process works on after
                  its steps and would slow whichever block came next)
 
+Head to head: each gradwatch configuration against the peer at its coverage (`grad` against
+`peer-loop`), block by block within the same cycle: the median of (agent's block - peer's block) in
+wall ms/step, CPU ms/step and monitor ms/step, with a distribution-free 95% confidence interval for
+that median (order statistics of the paired differences). "less" when the interval lies below zero,
+"more" when above, "tie" when it holds zero: whether the measurement can tell the two apart.
+
 After the configurations, the price of one collective on this machine: an asynchronous all-reduce of
 64 doubles (the size of the agent's packet on these models) overlapped with compute, blocks with and without it in turn
 (the cross-rank view the agent pays for and the loop does not have).
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -61,6 +68,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 CONFIGS = ("baseline", "control", "grad", "grad+act/10", "everything", "guard", "peer-loop", "peer-wandb")
+# A gradwatch configuration and the peer measured at its coverage, compared block by block.
+HEAD_TO_HEAD = (("grad", "peer-loop"),)
 WORLD = 2
 
 
@@ -331,13 +340,38 @@ def paired(samples: list[Sample], base: list[Sample]) -> dict:
     )
 
 
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The median and a distribution-free confidence interval for it: the k-th smallest and k-th
+    largest values, k the largest with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2. Too few
+    values for that confidence (n < 6 at 95%) give the whole range."""
+    ordered = sorted(values)
+    n, tail, below, k = len(ordered), (1 - confidence) / 2, 0.0, 0
+    while k < n and below + math.comb(n, k) / 2 ** n <= tail:
+        below += math.comb(n, k) / 2 ** n
+        k += 1
+    k = max(k, 1)
+    return statistics.median(ordered), ordered[k - 1], ordered[n - k]
+
+
+def head_to_head(agent: list[Sample], peer: list[Sample]) -> dict:
+    """Agent's blocks against the peer's blocks of the same cycles: per measure, the median paired
+    difference (ms/step; negative: the agent adds less), its 95% interval, and the verdict."""
+    out: dict = dict(blocks=min(len(agent), len(peer)))
+    for name, index in (("wall_ms", 0), ("cpu_ms", 1), ("monitor_ms", 2)):
+        median, low, high = median_ci([1000 * (a[index] - p[index]) for a, p in zip(agent, peer)])
+        verdict = "less" if high < 0 else "more" if low > 0 else "tie"
+        out[name] = dict(median=median, low=low, high=high, verdict=verdict)
+    return out
+
+
 def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     tmp = tempfile.mkdtemp(prefix="gradwatch-bench-")
-    results = []
+    results: list[dict] = []
+    duel: list[dict] = []  # head to head: an agent configuration against the peer at its coverage
     for model_name in args.models:
         for wrap in args.wraps:
             failed: dict[str, str] = {}
@@ -367,6 +401,10 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                     runner.close()
                     row.update(paired(*measured[config]), scalar_reads_per_step=reads, collectives_per_step=colls)
                 results.append(row)
+            for agent, peer in HEAD_TO_HEAD:
+                if agent in measured and peer in measured and agent in main and peer in main:
+                    duel.append(dict(model=model_name, wrap=wrap, agent=agent, peer=peer,
+                                     **head_to_head(measured[agent][0], measured[peer][0])))
             base = next(r for r in results[-len(args.configs):] if r["config"] == "baseline")
             for row in results[-len(args.configs):]:
                 if "failed" not in row and "failed" not in base:
@@ -374,7 +412,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     price = collective_price()
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(dict(results=results, collective=price), f)
+            json.dump(dict(results=results, head_to_head=duel, collective=price), f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -409,7 +447,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     measured = json.load(open(out))
     results = measured["results"]
     report = dict(machine=machine(), command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-                  seconds=round(time.time() - started), results=results, collective=measured["collective"])
+                  seconds=round(time.time() - started), results=results, head_to_head=measured["head_to_head"],
+                  collective=measured["collective"])
     print(f"{'model':5} {'wrap':5} {'config':12} {'step ms':>8} {'ratio':>6} {'p25-p75':>12} {'+ms/step':>9} "
           f"{'cpu ratio':>9} {'monitor ms':>10} {'.item()/step':>12} {'extra colls/step':>16}")
     for r in results:
@@ -419,6 +458,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{r['model']:5} {r['wrap']:5} {r['config']:12} {1000 * r['median_step_s']:8.1f} {r['ratio']:6.3f} "
                   f"{r['ratio_p25']:6.3f}-{r['ratio_p75']:5.3f} {r['added_ms']:9.1f} {r['cpu_ratio']:9.3f} {r['monitor_ms']:10.2f} "
                   f"{r['scalar_reads_per_step']:12.1f} {r.get('extra_collectives_per_step', float('nan')):16.1f}")
+    for d in report["head_to_head"]:
+        cells = "  ".join(f"{name[:-3]} {d[name]['median']:+.2f} [{d[name]['low']:+.2f}, {d[name]['high']:+.2f}] {d[name]['verdict']}"
+                          for name in ("wall_ms", "cpu_ms", "monitor_ms"))
+        print(f"{d['model']:5} {d['wrap']:5} {d['agent']} - {d['peer']}, ms/step, median [95% CI] over {d['blocks']} blocks: {cells}")
     price = report["collective"]
     print(f"one async all-reduce of 64 doubles, overlapped with compute: +{price['cpu_ms']:.2f} ms CPU, "
           f"+{price['wall_ms']:.2f} ms wall on rank 0 (the agent makes 1 per combination of steps under DDP; the loop none)")

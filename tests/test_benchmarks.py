@@ -3,6 +3,7 @@ they are the evidence for the overhead and cardinality claims, so they must not 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -38,8 +39,38 @@ def test_overhead_counts_syncs_and_collectives_per_step(tmp_path: Path) -> None:
     # DDP: one all-reduce per combination of steps (about combine_seconds of them, at most 16)
     assert 0 < rows["grad"]["extra_collectives_per_step"] <= 0.5
     assert rows["peer-loop"]["extra_collectives_per_step"] == 0
+    duel = report["head_to_head"]
+    assert [(d["model"], d["wrap"], d["agent"], d["peer"], d["blocks"]) for d in duel] == [("mlp", "ddp", "grad", "peer-loop", 2)]
+    for name in ("wall_ms", "cpu_ms", "monitor_ms"):
+        m = duel[0][name]
+        assert m["low"] <= m["median"] <= m["high"] and m["verdict"] in ("less", "tie", "more")
     assert report["machine"]["ranks"] == 2 and "overhead.py" in report["command"]
     assert set(report["collective"]) == {"cpu_ms", "wall_ms"} and all(math.isfinite(v) for v in report["collective"].values())
+
+
+def overhead_module():
+    spec = importlib.util.spec_from_file_location("overhead", BENCHMARKS / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_median_interval_is_the_order_statistics_of_the_sign_test() -> None:
+    overhead = overhead_module()
+    # n = 20: P(B <= 5) = 0.021 <= 0.025 < P(B <= 6) = 0.058, so the 6th and 15th smallest values
+    values = [float(v) for v in (13, 2, 20, 7, 5, 16, 1, 9, 18, 11, 4, 15, 8, 19, 3, 12, 6, 17, 10, 14)]
+    assert overhead.median_ci(values) == (10.5, 6.0, 15.0)
+    assert overhead.median_ci([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)  # too few for 95%: the whole range
+    sample = lambda wall, cpu, monitor: (wall / 1000, cpu / 1000, monitor / 1000, 0.0)
+    # the agent's blocks 1 ms/step below the peer's in every cycle: the interval excludes zero
+    agent = [sample(40 + i, 80 + i, 1.0) for i in range(10)]
+    peer = [sample(41 + i, 81 + i, 1.5 + 0.1 * i) for i in range(10)]
+    duel = overhead.head_to_head(agent, peer)
+    assert duel["blocks"] == 10 and duel["wall_ms"]["verdict"] == "less" and duel["cpu_ms"]["verdict"] == "less"
+    assert duel["wall_ms"]["median"] == pytest.approx(-1.0) and duel["monitor_ms"]["high"] < 0
+    assert overhead.head_to_head(peer, agent)["wall_ms"]["verdict"] == "more"
+    mixed = overhead.head_to_head(agent, [sample(40 + i + (1 if i % 2 else -1), 80 + i, 1.0) for i in range(10)])
+    assert mixed["wall_ms"]["verdict"] == "tie" and mixed["monitor_ms"]["verdict"] == "tie"
 
 
 def test_scale_counts_series_and_the_aggregator_alerts_on_the_sick_jobs(tmp_path: Path) -> None:
