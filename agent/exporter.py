@@ -104,7 +104,7 @@ class StatsCollector:
         for name, doc in (
             ("steps", "Optimizer steps taken through the agent."),
             ("nonfinite_steps", "Measured steps with a NaN/inf gradient, loss or activation."),
-            ("agent_collectives", "Collectives issued by the agent (documented: 0-2 per read of measured steps; docs/agent.md)."),
+            ("agent_collectives", "Collectives issued by the agent (documented: 0-2 per read of measured steps, up to 3 for the read at close; docs/agent.md)."),
             ("agent_host_syncs", "Host-device syncs made by the agent (documented: 1 per read of measured steps; docs/agent.md)."),
         ):
             c = CounterMetricFamily(f"gradwatch_{name}", doc, labels=["job"])
@@ -169,7 +169,7 @@ class StatsCollector:
             ("gradwatch_rank_loss", "This rank's local training loss.", lambda r: r.loss),
             ("gradwatch_rank_nonfinite", "Non-finite items on this rank this step (loss + activation modules + gradient layers; an AMP overflow's gradients do not count).",
              lambda r: int(r.loss_nonfinite) + r.nonfinite_modules + (0 if amp_overflow else r.nonfinite_layers)),
-            ("gradwatch_rank_step_seconds", "Wall time of this rank's latest step.", lambda r: r.step_seconds),
+            ("gradwatch_rank_step_seconds", "This rank's wall time per step (data, forward, backward, optimizer, agent), since its previous measured step.", lambda r: r.step_seconds),
         )
         for name, doc, get in per_rank:
             g = _gauge(name, doc, ["job", "rank"])

@@ -71,6 +71,20 @@ log = logging.getLogger("gradwatch.agent")
 MAX_COMBINED = 16
 
 
+def _learning_rates(optimizer: torch.optim.Optimizer) -> list[Union[float, torch.Tensor]]:
+    """Each group's learning rate as this step used it, without a host sync: a tensor (capturable and
+    fused optimizers; a scheduler changes it in place) is copied on its device and read when the step
+    is published; a group with none (Adafactor's relative step: `lr=None`) reads NaN."""
+    rates: list[Union[float, torch.Tensor]] = []
+    for group in optimizer.param_groups:
+        lr = group.get("lr")
+        try:
+            rates.append(lr.detach().clone() if isinstance(lr, torch.Tensor) else float(lr))
+        except (TypeError, ValueError, RuntimeError):
+            rates.append(math.nan)
+    return rates
+
+
 def _scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor):  # capturable/fused optimizers: keep it a tensor
@@ -139,7 +153,7 @@ class _Measured:
     amp: bool
     seconds: float  # the agent's own time on this step so far
     time: float  # wall-clock time it was measured
-    learning_rates: list[float]
+    learning_rates: list[Union[float, torch.Tensor]]  # tensors are read when the step is published
 
 
 @dataclass
@@ -182,13 +196,23 @@ class HealthAgent:
         self._window: list[_Measured] = []  # measured steps not yet combined (mode observe)
         self._combine = 1  # measured steps per combination: from reduced step times, so equal on every rank
         self._arrived: list[list[float]] = []  # [seq, kind code, value] read from reduced packets, not yet applied
-        self._sent: dict[int, Any] = {}  # rank 0: seq -> Command it put on the wire
+        self._sent: dict[int, Any] = {}  # rank 0: seq -> Command put on the wire and not yet applied
+        self._seq = 0  # rank 0: the last command sequence number used
         self._on_halt = on_halt
         self.commands_applied: list[AppliedCommand] = []  # every command taken from the wire, in order
         self._in_step = False  # re-entrancy: scaler.step() calls a wrapped optimizer's step
         self._warned: set[str] = set()
         self._listeners: list[Listener] = []
-        self._last_step_end = time.perf_counter()
+        self._last_fill = (time.perf_counter(), 0)  # (when, step) of this rank's latest measured step
+        # First, before anything below can fail on one rank alone: making a group is a collective of
+        # its own, and every rank must make it (closing.py).
+        self._closing: Optional[ClosingGroup] = None  # reads the steps still pending at close()
+        if self.world_size > 1 and self._enabled["stats"] and c.mode == "observe" and c.combine_seconds > 0:
+            try:
+                self._closing = ClosingGroup()
+            except Exception as exc:
+                log.warning("gradwatch: no process group for the close-time read on rank %d (%r); the steps "
+                            "still pending when the agent closes will not be published", self.rank, exc)
 
         for obj in (model, getattr(model, "module", None), optimizer):
             if obj is not None:
@@ -220,12 +244,6 @@ class HealthAgent:
                 except Exception as exc:
                     self._fail("jsonl", exc)
         self._publisher = Publisher(sinks, self._fail)
-        self._closing: Optional[ClosingGroup] = None  # reads the steps still pending at close()
-        if self.world_size > 1 and self._enabled["stats"] and self.config.mode == "observe" and self.config.combine_seconds > 0:
-            try:
-                self._closing = ClosingGroup()
-            except Exception as exc:
-                self._fail("stats", exc, disable=False)  # counted; the pending steps are dropped at close()
         self._remote: Optional[CommandClient] = None
         if self.rank == 0 and self._enabled["stats"] and self.config.aggregator_url and self.config.aggregator_token:
             self._remote = CommandClient(self.config.aggregator_url, self.config.aggregator_token.get_secret_value(),
@@ -363,7 +381,6 @@ class HealthAgent:
             acts = self._acts
             if not self._guarded("activations", lambda: acts.begin_step(self._activation_due(self._step), reset_sentinel=measured)):
                 acts.failed = RuntimeError("begin_step failed")  # reported in the next all-reduce
-        self._last_step_end = time.perf_counter()
         return result
 
     def observe_eval(self, value: Union[torch.Tensor, float]) -> None:
@@ -382,6 +399,14 @@ class HealthAgent:
         Across ranks the pending steps are read on a gloo group of the agent's own (closing.py): if
         not every rank closes within its timeout with the same steps pending, they are dropped (logged)."""
         self._guarded("stats", self._close_window)
+        self._arrived = []
+        if self._remote is not None and self._sent:  # rank 0: put on the wire, never applied
+            for cmd in self._sent.values():
+                self._remote.ack(cmd.id, self._step, "rejected", "training ended before the command was applied")
+            self._sent = {}
+        if self._closing is not None:
+            self._closing.destroy()
+            self._closing = None
         for feature, part in (("export", self._remote), ("export", self._publisher), ("jsonl", self._jsonl), ("export", self.metrics), ("activations", self._acts)):
             if part is not None:
                 self._guarded(feature, part.close)
@@ -395,7 +420,12 @@ class HealthAgent:
 
     def _close_window(self) -> None:
         window, self._window = self._window, []
-        if not window or not self._enabled["stats"] or self._closing is None:
+        if not window or not self._enabled["stats"]:
+            return
+        if self._closing is None:  # no group was made (logged then) or close() already ran
+            if self.rank == 0:
+                log.warning("gradwatch: steps %d-%d were measured but not combined before close; they are not published",
+                            window[0].step, window[-1].step)
             return
         hosts = self._closing.read([m.packet for m in window], [m.step for m in window], self.world_size, self.counters)
         if hosts is not None:
@@ -454,7 +484,7 @@ class HealthAgent:
         if decoded is None:
             return
         kind, value = decoded
-        cmd = self._sent.get(int(seq)) if self.rank == 0 else None
+        cmd = self._sent.pop(int(seq), None) if self.rank == 0 else None
         outcome, detail = "applied", ""
         try:
             if kind == "set_clip_norm":
@@ -562,11 +592,11 @@ class HealthAgent:
             return None
         row = packet.slot("ranks").view(self.world_size, len(RANK_FIELDS))[self.rank]
         stats_ok = scaler is None or self._guarded("stats", lambda: self._unscale(scaler, optimizer))
-        stats_ok = stats_ok and self._guarded("stats", lambda: self._fill_local(packet, row, loss))
+        stats_ok = stats_ok and self._guarded("stats", lambda: self._fill_local(packet, row, loss, step))
         acts_ok = self._acts is None or self._guarded("activations", lambda: self._fill_activations(packet, row))
         row[RANK_INDEX["error"]].fill_(float((not stats_ok) + 2 * (not acts_ok)))
         amp = scaler is not None and scaler.is_enabled()
-        measured = _Measured(step, packet, amp, 0.0, time.time(), [float(group["lr"]) for group in optimizer.param_groups])
+        measured = _Measured(step, packet, amp, 0.0, time.time(), _learning_rates(optimizer))
         self._window.append(measured)
         # A function of the step counter and of replicated state only: every rank combines at the same step.
         if self.world_size > 1 and len(self._window) < self._combine and not self._decides_from_stats():
@@ -627,7 +657,7 @@ class HealthAgent:
             self._acts = None
 
     @torch.no_grad()
-    def _fill_local(self, packet: Packet, row: torch.Tensor, loss: Any) -> None:
+    def _fill_local(self, packet: Packet, row: torch.Tensor, loss: Any, step: int) -> None:
         local_sumsq = self._grads.add_gradients(packet)
         self._grads.add_weights(packet)
         if not self._grads.split:  # split: every rank's count is the reduced one (_publish)
@@ -638,10 +668,15 @@ class HealthAgent:
                 row[RANK_INDEX["loss"]].copy_(loss.mean(dtype=torch.float32) if loss.dim() else loss)
             else:  # a host tensor or a number: read on the host, then a fill (a host-to-device copy would sync)
                 row[RANK_INDEX["loss"]].fill_(float(loss.float().mean() if isinstance(loss, torch.Tensor) else loss))
-        row[RANK_INDEX["step_seconds"]].fill_(time.perf_counter() - self._last_step_end)
+        # Everything the step took (data, forward, backward, the agent, the optimizer), per step since
+        # this rank's previous measured step: the pace combine_seconds is shared out by.
+        now, (then, then_step) = time.perf_counter(), self._last_fill
+        row[RANK_INDEX["step_seconds"]].fill_((now - then) / max(1, step - then_step))
+        self._last_fill = (now, step)
         cmd = self._remote.take() if self._remote is not None else None
         if cmd is not None:  # rank 0 alone writes; the SUM gives every rank these exact values
-            seq = len(self._sent) + 1
+            self._seq += 1
+            seq = self._seq
             self._sent[seq] = cmd
             code, value = encode(cmd.spec)
             slot = packet.slot("command")
@@ -690,7 +725,7 @@ class HealthAgent:
             grad_norm=_sqrt(sum(grad_sumsq)),
             layer_grad_norm=[_sqrt(v) for v in grad_sumsq],
             layer_grad_nonfinite=layer_nonfinite,
-            learning_rates=measured.learning_rates,
+            learning_rates=[float(lr) for lr in measured.learning_rates],
             ranks=ranks,
             loss_mean=sum(losses) / len(losses) if losses else None,
             loss_max=max(losses) if losses else None,

@@ -17,7 +17,7 @@ RANK_FIELDS = (
     "nonfinite_modules",   # hooked modules whose output was non-finite this step
     "first_bad_module",    # 1 + index of the module that went non-finite first (0 = none)
     "nonfinite_layers",    # layers whose local gradient (shard) is non-finite (DDP split: set on the host)
-    "step_seconds",        # wall time since this rank's previous step() returned
+    "step_seconds",        # this rank's wall time per step since its previous measured step
     "error",               # 1 if the agent failed on this rank this step (all ranks then back off)
 )
 RANK_INDEX = {name: i for i, name in enumerate(RANK_FIELDS)}
@@ -166,8 +166,9 @@ def decode_activations(host: dict[str, list[float]], modules: tuple[str, ...], u
 
 
 def find_nan_origin(stats: StepStats, first_bad_module: list[int], module_names: tuple[str, ...], replicated_grads: bool) -> Optional[NanOrigin]:
-    """Forward before backward: a non-finite activation, else a loss, else a gradient."""
-    bad_act = [r.rank for r, m in zip(stats.ranks, first_bad_module) if m > 0]
+    """Forward before backward: a non-finite activation, else a loss, else a gradient. A module index
+    with no name (activation statistics were switched off after this step was measured) is ignored."""
+    bad_act = [r.rank for r, m in zip(stats.ranks, first_bad_module) if 0 < m <= len(module_names)]
     if bad_act:
         return NanOrigin(stats.step, "activation", module_names[first_bad_module[bad_act[0]] - 1], tuple(bad_act))
     bad_loss = [r.rank for r in stats.ranks if r.loss_nonfinite]

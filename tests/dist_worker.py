@@ -92,6 +92,7 @@ def reference(p: dict) -> dict:
     wrapped = wrap(model, p["wrap"])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    groups_before = len(dist.distributed_c10d._world.pg_map)
     agent = HealthAgent(wrapped, opt, job="ref", metrics_port=None, activation_every=2, update_ratio_every=2,
                         detail_every=p.get("detail_every", 1), **combining(p))
     published = published_stats(agent)
@@ -115,14 +116,16 @@ def reference(p: dict) -> dict:
         ref_opt.zero_grad()
         refs.append(dict(ref_grad=ref_grad, ref_global=math.sqrt(sum(g * g for g in ref_grad)), ref_max=ref_max,
                          ref_weight=ref_weight, ref_update=ref_update))
+    groups_built = len(dist.distributed_c10d._world.pg_map)
     agent.close()
+    groups = [groups_before, groups_built, len(dist.distributed_c10d._world.pg_map)]
     steps = [dict(
         step=st.step,
         agent_grad=st.layer_grad_norm, agent_global=st.grad_norm, agent_max=st.layer_grad_max_abs,
         agent_weight=st.layer_weight_norm, agent_update=st.layer_update_ratio, update_step=st.update_step,
         loss_mean=st.loss_mean, **refs[st.step],
     ) for st in published]
-    return dict(steps=steps, layers=list(agent.layers), collectives=agent.counters.collectives,
+    return dict(steps=steps, layers=list(agent.layers), collectives=agent.counters.collectives, groups=groups,
                 syncs=agent.counters.host_syncs, sharding=agent.topology.sharding)
 
 
@@ -186,6 +189,32 @@ def nan_inject(p: dict) -> dict:
     agent.close()  # reads the steps still pending
     o = agent.nan_origin
     return dict(origin=None if o is None else dict(step=o.step, kind=o.kind, layer=o.layer, ranks=list(o.ranks)))
+
+
+def acts_fail_then_nan(p: dict) -> dict:
+    """Steps combined 4 at a time ({0}, {1, 2}, {3-6}, {7-10}): rank 1's activation hooks fail at step 7
+    and a NaN enters rank 0's input at step 8, in the same combination. Publishing step 7 switches
+    activations off on every rank before step 8, which still carries a module index, is published."""
+    torch.manual_seed(0)
+    model = wrap(mixed_mlp(), "ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    agent = HealthAgent(model, opt, job="acts-nan", metrics_port=None, activation_every=1, **combining(dict(combine=4)))
+    for step in range(11):
+        if step == 7 and RANK == 1:
+            agent._acts.failed = RuntimeError("injected hook failure")
+        x, y = global_batch(step)
+        x = local_slice(x)
+        if step == 8 and RANK == 0:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        nn.functional.mse_loss(model(x), local_slice(y)).backward()
+        agent.step(opt)
+        opt.zero_grad()
+    agent.close()
+    o = agent.nan_origin
+    return dict(stats_enabled=agent._enabled["stats"], activations_on=agent._acts is not None,
+                last_step=agent.last_stats.step, errors=dict(agent.state.errors_total),
+                origin=None if o is None else dict(step=o.step, kind=o.kind, layer=o.layer, ranks=list(o.ranks)))
 
 
 def prometheus(p: dict) -> dict:
@@ -497,7 +526,7 @@ def commands(p: dict) -> dict:
     return dict(history=history, final=_digest(model.parameters()), step_seconds=step_seconds)
 
 
-SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, prometheus, failopen, frozen_unused, replicated_fault, lone_close, activations, alerting, guard, commands)}
+SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, acts_fail_then_nan, prometheus, failopen, frozen_unused, replicated_fault, lone_close, activations, alerting, guard, commands)}
 
 
 def main() -> None:

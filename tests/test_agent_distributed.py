@@ -46,6 +46,8 @@ def test_norms_equal_single_process_reference(run_ranks, wrap, world_size):
     # all-reduce that checks every rank holds the same steps
     assert r0["collectives"] == 3 * 2 + 1 + (1 if wrap == "ddp" else 2)
     assert r0["syncs"] == 4
+    before, built, closed = r0["groups"]
+    assert built == before + 1 and closed == before  # the close-time group is the agent's, and close() frees it
 
 
 def test_a_lone_close_neither_hangs_nor_pairs_with_a_training_collective(run_ranks):
@@ -161,6 +163,14 @@ def test_failure_inside_agent_on_one_rank_fails_open_on_all(run_ranks, feature):
             assert r["stats_enabled"] is True and r["activations_on"] is True and r["last_step"] == 7
     failing_rank = 0 if feature == "export" else 1
     assert results[failing_rank]["errors"][feature] >= 1
+
+
+def test_an_activation_failure_and_a_nan_in_one_combination_keep_statistics_on(run_ranks):
+    for r in run_ranks("acts_fail_then_nan", 2):
+        assert r["stats_enabled"] is True and r["activations_on"] is False and r["last_step"] == 10
+        # no loss was passed and activations are off: the NaN is found in the gradients, at its step
+        assert r["origin"] is not None and r["origin"]["step"] == 8 and r["origin"]["kind"] == "gradient"
+        assert r["errors"].get("stats", 0) == 0
 
 
 def test_frozen_and_unused_parameters(run_ranks):

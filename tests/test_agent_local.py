@@ -639,3 +639,55 @@ def test_detail_steps_ride_on_measured_steps_and_add_none():
     assert detailed == {0: True, 4: False, 8: False, 12: False, 16: False, 20: True}
     assert agent.counters.host_syncs == 6
     agent.close()
+
+
+class _RelativeStepSGD(torch.optim.Optimizer):
+    """A group with `lr=None`, as transformers' Adafactor(relative_step=True) has: it sets its own step size."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": None})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-0.01)
+
+
+def test_learning_rates_that_are_none_or_tensors_are_read_without_failing():
+    torch.manual_seed(0)
+    model = mixed_mlp()
+    params = list(model.parameters())
+    opt = _RelativeStepSGD(params)
+    agent = HealthAgent(model, opt, metrics_port=None)
+    train(agent, model, opt, 2)
+    assert agent.step_count == 2 and agent._enabled["stats"] and not any(agent.state.errors_total.values())
+    assert len(agent.last_stats.learning_rates) == 1 and math.isnan(agent.last_stats.learning_rates[0])
+    agent.close()
+    # a tensor learning rate changed in place after the step: the step's own value is published
+    tensor_lr = torch.tensor(0.01)
+    opt = torch.optim.SGD(params, lr=tensor_lr)
+    agent = HealthAgent(model, opt, metrics_port=None)
+    loss = model(torch.randn(8, 12)).pow(2).mean()
+    loss.backward()
+    agent.step(opt, loss=loss)
+    assert agent.last_stats.learning_rates == [pytest.approx(0.01)]
+    assert isinstance(agent.last_stats.learning_rates[0], float)
+    agent.close()
+
+
+def test_an_activation_index_without_names_is_no_nan_origin():
+    """Activation statistics switched off between a step's measuring and its publishing (a combination
+    read after a hook failed): the step's module index has no name any more; the origin falls back to
+    the loss or the gradients instead of failing the statistics."""
+    from gradwatch.agent.stats import RankStats, StepStats, find_nan_origin
+
+    ranks = [RankStats(rank=r, loss=math.nan if r == 1 else 1.0, loss_nonfinite=r == 1, nonfinite_layers=0,
+                       nonfinite_modules=1, step_seconds=0.1) for r in range(2)]
+    stats = StepStats(step=5, time=0.0, world_size=2, layers=["a", "b"], grad_norm=math.nan, layer_grad_norm=[1.0, math.nan],
+                      layer_grad_nonfinite=[False, True], learning_rates=[0.1], ranks=ranks, loss_mean=math.nan, loss_max=math.nan)
+    origin = find_nan_origin(stats, [2, 0], (), replicated_grads=True)
+    assert (origin.step, origin.kind, origin.layer, origin.ranks) == (5, "loss", "loss", (1,))
+    named = find_nan_origin(stats, [2, 0], ("m0", "m1"), replicated_grads=True)
+    assert (named.kind, named.layer, named.ranks) == ("activation", "m1", (0,))

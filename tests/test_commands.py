@@ -203,3 +203,37 @@ def test_seed003_explosion_is_fixed_without_a_human(tmp_path: Path, capsys):
             print(f"seed003: {alert} fired -> policy sent {c['spec']['kind']} {value} -> applied on every rank at step {c['acked_step']}")
         print(f"seed003: loss {losses[0]:.4g} at step 0, {max(losses):.4g} at worst, {losses[-1]:.4g} at step {len(losses) - 1}; "
               f"never non-finite (untouched, it is NaN by step 11)")
+
+
+def test_a_command_that_arrives_as_training_ends_is_acknowledged_not_applied(tmp_path: Path):
+    """Read from the last step's packet, a command would be applied at the start of the next step; there
+    is none. close() acknowledges it as rejected, so the next run of the job is not served it."""
+    import torch
+
+    from gradwatch.agent import HealthAgent
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(service(tmp_path, port, tmp_path / "state.db")):
+        command_id = submit(base, "ending", {"kind": "scale_lr", "factor": 0.5, "reason": "arrives late"})
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        agent = HealthAgent(model, opt, job="ending", metrics_port=None, aggregator_url=base,
+                            aggregator_token=TOKEN, command_poll_s=0.05)
+        deadline = time.monotonic() + 30
+        while not agent._arrived:  # until a step's packet brought it; the next step() would apply it
+            assert time.monotonic() < deadline, "the command never arrived"
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            agent.step(opt)
+            opt.zero_grad()
+            time.sleep(0.01)
+        steps = agent.step_count
+        agent.close()
+        assert agent.commands_applied == [] and opt.param_groups[0]["lr"] == 0.1
+        ack = acked(base, command_id)
+        assert ack["state"] == "rejected" and ack["outcome"] == "rejected" and ack["acked_step"] == steps
+        audit = call(f"{base}/api/v1/audit?job=ending")[1]
+        assert any(e["command"] == command_id and e["event"] == "rejected" and "training ended" in e["detail"]["detail"]
+                   for e in audit["events"]), audit
+        assert call(f"{base}/api/v1/jobs/ending/commands")[1]["commands"] == []  # not served to a next run
