@@ -70,6 +70,7 @@ def main() -> None:
 
     batch = 32
     g = torch.Generator().manual_seed(0)
+    printed = -1  # across ranks, measured steps are read about a second at a time: print each once
     for epoch in range(args.epochs):
         order = torch.randperm(len(x), generator=g)
         for start in range(0, len(x) - batch * world + 1, batch * world):
@@ -81,12 +82,13 @@ def main() -> None:
             optimizer.zero_grad()
             time.sleep(max(0.0, args.seconds_per_step - (time.time() - started)))
             st = agent.last_stats
-            if rank == 0 and st is not None and st.step % 5 == 0:
+            if rank == 0 and st is not None and st.step % 5 == 0 and st.step != printed:
+                printed = st.step
                 worst = max(range(len(st.layers)), key=lambda i: st.layer_grad_norm[i])
                 print(f"epoch {epoch} step {st.step:3d}  loss {st.loss_mean:12.4g}  grad-norm {st.grad_norm:10.4g}  "
                       f"largest layer {st.layers[worst]} ({st.layer_grad_norm[worst]:.3g})")
 
-    agent.flush()
+    agent.close()  # reads the last steps, still pending across ranks, and drains the publisher
     if watcher is not None:
         fired = sorted({c.alert.labels["alertname"] for c in watcher.history if c.after == "firing"})
         print(f"alerts raised in process: {', '.join(fired) or 'none'}")
@@ -99,7 +101,6 @@ def main() -> None:
             print(f"done: {agent.step_count} steps. First non-finite value: step {origin.step}, {origin.kind} "
                   f"of layer {origin.layer!r}, rank(s) {ranks}. Fixes: standardise the target (--healthy), "
                   f"lower the learning rate, or clip gradients.")
-    agent.close()
     if distributed:
         dist.destroy_process_group()
 
