@@ -6,11 +6,13 @@ When training ends the last few steps are filled but not yet combined. Reading t
 exception, a `finally`), or long after the others (rank 0 writing a checkpoint first). On the training
 process group such a collective could pair with one of the user's and corrupt or hang the job.
 
-So the agent makes a gloo group of its own when it is built (every rank builds the agent at the same
-point; the group is made first, before anything in the agent that could fail on one rank alone, and with
-the default timeout, so ranks that reach it minutes apart still meet). It is used only here, each
-collective bounded by `TIMEOUT_S`: at worst a lone `close()` waits that long and drops the steps
-(logged); it can never pair with a training collective. `close()` destroys the group.
+So the agent makes a gloo group of its own, used only here, with a short timeout: at worst a lone
+`close()` waits `TIMEOUT_S` and drops the steps (logged); it can never pair with a training collective.
+Making a group is itself a meeting of every rank, so it is made at the agent's first measured step, not
+when the agent is built: every rank reaches that step (the step counter decides it), within moments of
+the others (the training's own collectives just met), and only once every rank has an agent. Made in
+the constructor, one rank whose agent failed to build (auto-attach, which then agrees to attach nowhere)
+would leave the others waiting in it. `close()` destroys the group.
 """
 
 from __future__ import annotations
@@ -34,27 +36,25 @@ class ClosingGroup:
 
     def __init__(self) -> None:
         self.rank = dist.get_rank()  # kept: at exit the default group may be gone before close() runs
-        self.group: Optional[dist.ProcessGroup] = dist.new_group(backend="gloo")
+        self.group: Optional[dist.ProcessGroup] = dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
 
     def read(self, packets: list[Packet], steps: list[int], world_size: int,
              counters: Counters) -> Optional[list[dict[str, list[float]]]]:
         """The packets' reduced values, or None (logged on rank 0) when the ranks did not all close
         with the same steps pending, did not all close within the timeout, or the group is gone."""
-        timeout = datetime.timedelta(seconds=TIMEOUT_S)
         try:
             if self.group is None:
                 raise RuntimeError("the group was destroyed")
             # Every rank must hold the same steps: the max of (x, -x) over ranks gives (max, -min).
             span = torch.tensor([steps[0], steps[-1], len(steps)], dtype=torch.float64)
             check = torch.cat([span, -span])
-            options = dist.AllreduceOptions()
-            options.reduceOp, options.timeout = dist.ReduceOp.MAX, timeout
-            self.group.allreduce([check], options).wait()
+            dist.all_reduce(check, op=dist.ReduceOp.MAX, group=self.group)
             counters.collectives += 1
             if not torch.equal(check[:3], -check[3:]):
                 reason = "the ranks closed with different steps pending"
             else:
-                return Combined(packets, self.group, world_size, counters, timeout).to_host(counters)
+                return Combined(packets, self.group, world_size, counters).to_host(counters)
         except Exception as exc:  # a rank that never closes or closes late (a timeout), or no group left
             reason = f"no read across ranks within {TIMEOUT_S:g} s ({exc!r:.200})"
         if self.rank == 0:

@@ -204,15 +204,9 @@ class HealthAgent:
         self._warned: set[str] = set()
         self._listeners: list[Listener] = []
         self._last_fill = (time.perf_counter(), 0)  # (when, step) of this rank's latest measured step
-        # First, before anything below can fail on one rank alone: making a group is a collective of
-        # its own, and every rank must make it (closing.py).
         self._closing: Optional[ClosingGroup] = None  # reads the steps still pending at close()
-        if self.world_size > 1 and self._enabled["stats"] and c.mode == "observe" and c.combine_seconds > 0:
-            try:
-                self._closing = ClosingGroup()
-            except Exception as exc:
-                log.warning("gradwatch: no process group for the close-time read on rank %d (%r); the steps "
-                            "still pending when the agent closes will not be published", self.rank, exc)
+        # made at the first measured step, where every rank meets (closing.py)
+        self._closing_due = self.world_size > 1 and self._enabled["stats"] and c.mode == "observe" and c.combine_seconds > 0
 
         for obj in (model, getattr(model, "module", None), optimizer):
             if obj is not None:
@@ -404,6 +398,7 @@ class HealthAgent:
             for cmd in self._sent.values():
                 self._remote.ack(cmd.id, self._step, "rejected", "training ended before the command was applied")
             self._sent = {}
+        self._closing_due = False
         if self._closing is not None:
             self._closing.destroy()
             self._closing = None
@@ -417,6 +412,13 @@ class HealthAgent:
         JSON lines file and listeners (or was dropped because they fell behind); False if the time ran
         out first."""
         return self._publisher.flush(timeout)
+
+    def _make_closing_group(self) -> None:
+        try:
+            self._closing = ClosingGroup()
+        except Exception as exc:  # a timeout: the other ranks did not meet it; nothing else is affected
+            log.warning("gradwatch: no process group for the close-time read on rank %d (%r); the steps "
+                        "still pending when the agent closes will not be published", self.rank, exc)
 
     def _close_window(self) -> None:
         window, self._window = self._window, []
@@ -584,6 +586,9 @@ class HealthAgent:
         """Fill the step's packet; once the combination's steps are filled (every step when deciding
         from them), start their reduction, which `_finish` reads."""
         started = time.perf_counter()
+        if self._closing_due:
+            self._closing_due = False
+            self._make_closing_group()
         try:
             packet = self._packet(self._spec(step), len(self._window))
         except Exception as exc:

@@ -17,7 +17,6 @@ the same order.
 
 from __future__ import annotations
 
-import datetime
 import enum
 from dataclasses import dataclass
 from typing import Optional
@@ -108,10 +107,9 @@ class Combined:
     host's wait for the device) is paid once per combination, not once per step."""
 
     def __init__(self, packets: list[Packet], group: Optional[dist.ProcessGroup], world_size: int,
-                 counters: Counters, timeout: Optional[datetime.timedelta] = None) -> None:
+                 counters: Counters) -> None:
         """Start the reductions without waiting: the caller may do other work (the optimizer's
-        step) while they run; `to_host` waits. `timeout` bounds each reduction on `group` (the
-        close-time read, closing.py); otherwise the group's own timeout applies."""
+        step) while they run; `to_host` waits."""
         self.packets = packets
         self._works: list[dist.Work] = []
         self._scatter: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # reduced copy -> the views it came from
@@ -125,12 +123,7 @@ class Combined:
             if op is Reduce.MAX:
                 # NaN has no order: as +inf it survives MAX on every backend and still reads "non-finite".
                 torch.nan_to_num(buffer, nan=float("inf"), posinf=float("inf"), out=buffer)
-            if timeout is None:
-                self._works.append(dist.all_reduce(buffer, op=dist_op, group=group, async_op=True))
-            else:  # a per-collective timeout: only the group's own method takes one
-                options = dist.AllreduceOptions()
-                options.reduceOp, options.timeout = dist_op, timeout
-                self._works.append(group.allreduce([buffer], options))
+            self._works.append(dist.all_reduce(buffer, op=dist_op, group=group, async_op=True))
             counters.collectives += 1
             if len(parts) > 1:
                 self._scatter.append((buffer, parts))
