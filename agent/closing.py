@@ -32,12 +32,17 @@ TIMEOUT_S = 15.0
 
 
 class ClosingGroup:
-    """A gloo process group for the close-time read."""
+    """A gloo process group for the close-time read; `group` is None where it could not be made
+    (logged) or was destroyed."""
 
     def __init__(self) -> None:
         self.rank = dist.get_rank()  # kept: at exit the default group may be gone before close() runs
-        self.group: Optional[dist.ProcessGroup] = dist.new_group(
-            backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        self.group: Optional[dist.ProcessGroup] = None
+        try:
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        except Exception as exc:  # a timeout: the other ranks did not meet it; nothing else is affected
+            log.warning("gradwatch: no process group for the close-time read on rank %d (%r); the steps "
+                        "still pending when the agent closes will not be published", self.rank, exc)
 
     def read(self, packets: list[Packet], steps: list[int], world_size: int,
              counters: Counters) -> Optional[list[dict[str, list[float]]]]:
@@ -45,7 +50,7 @@ class ClosingGroup:
         with the same steps pending, did not all close within the timeout, or the group is gone."""
         try:
             if self.group is None:
-                raise RuntimeError("the group was destroyed")
+                raise RuntimeError("the agent has no group for it (not made, or destroyed)")
             # Every rank must hold the same steps: the max of (x, -x) over ranks gives (max, -min).
             span = torch.tensor([steps[0], steps[-1], len(steps)], dtype=torch.float64)
             check = torch.cat([span, -span])
@@ -56,7 +61,7 @@ class ClosingGroup:
             else:
                 return Combined(packets, self.group, world_size, counters).to_host(counters)
         except Exception as exc:  # a rank that never closes or closes late (a timeout), or no group left
-            reason = f"no read across ranks within {TIMEOUT_S:g} s ({exc!r:.200})"
+            reason = f"no read across ranks ({exc!r:.200}; each collective is bounded by {TIMEOUT_S:g} s)"
         if self.rank == 0:
             log.warning("gradwatch: steps %d-%d were measured but not combined before close: %s; they are not published",
                         steps[0], steps[-1], reason)

@@ -413,21 +413,9 @@ class HealthAgent:
         out first."""
         return self._publisher.flush(timeout)
 
-    def _make_closing_group(self) -> None:
-        try:
-            self._closing = ClosingGroup()
-        except Exception as exc:  # a timeout: the other ranks did not meet it; nothing else is affected
-            log.warning("gradwatch: no process group for the close-time read on rank %d (%r); the steps "
-                        "still pending when the agent closes will not be published", self.rank, exc)
-
     def _close_window(self) -> None:
         window, self._window = self._window, []
-        if not window or not self._enabled["stats"]:
-            return
-        if self._closing is None:  # no group was made (logged then) or close() already ran
-            if self.rank == 0:
-                log.warning("gradwatch: steps %d-%d were measured but not combined before close; they are not published",
-                            window[0].step, window[-1].step)
+        if not window or not self._enabled["stats"] or self._closing is None:  # none: steps are never left pending
             return
         hosts = self._closing.read([m.packet for m in window], [m.step for m in window], self.world_size, self.counters)
         if hosts is not None:
@@ -588,7 +576,7 @@ class HealthAgent:
         started = time.perf_counter()
         if self._closing_due:
             self._closing_due = False
-            self._make_closing_group()
+            self._closing = ClosingGroup()
         try:
             packet = self._packet(self._spec(step), len(self._window))
         except Exception as exc:
