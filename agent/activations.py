@@ -13,12 +13,21 @@ Sampled steps (`activation_every`), summed over every micro-batch of the step an
 Dead units need a per-unit buffer whose size every rank must agree on before it can be all-reduced.
 The sizes are agreed inside the first sampled step's MAX collective (no extra collective), so dead
 fractions are reported from the second sampled step on.
+
+Under torch.compile the hooks are traced into the model's graph, and Dynamo guards on every piece of
+Python state a hook reads. So a traced hook reads none that changes: whether the step is sampled is a
+0-dim device flag (the statistics are computed every step and masked by it, so one graph serves every
+step), the forward position is a device counter, and dead units accumulate into a fixed buffer of
+TRACED_UNITS per module (allocated up front: its size cannot wait for the ranks' agreement). Each hook
+has a code object of its own, so a hook Dynamo compiles as a frame of its own (after a graph break)
+does not share one compile cache, and its size limit, with every other module's hook.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import types
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -39,17 +48,28 @@ SIGMOID_SATURATION = (-23.0, 16.99999)
 
 # Rows of the per-module accumulator.
 _SUM, _SUMSQ, _COUNT, _NONFINITE, _SATURATED = range(5)
+# Units per module tracked for the dead-unit fraction by traced (compiled) hooks; a module with more
+# reports the fraction over its first TRACED_UNITS units.
+TRACED_UNITS = 1024
 
 
 def _first_tensor(output: object) -> Optional[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)):
-        return next((o for o in output if isinstance(o, torch.Tensor)), None)
+        for o in output:  # a loop, not a generator: Dynamo traces it without a graph break
+            if isinstance(o, torch.Tensor):
+                return o
     return None
 
 
-def _eligible(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _own_code(fn: Callable) -> Callable:
+    """`fn` with a copy of its code object: Dynamo keeps its compile cache on the code object."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def eligible(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf layers with parameters and activation modules, by clean name, in model order."""
     picked = []
     for name, module in model.named_modules():
         if next(module.children(), None) is not None or isinstance(module, _SKIPPED_TYPES):
@@ -59,32 +79,53 @@ def _eligible(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return picked
 
 
-class ActivationMonitor:
-    """Owns the hooks and the per-step device accumulators for activations."""
+def cap(names: Sequence[str], max_modules: int) -> tuple[str, ...]:
+    """At most `max_modules` of the job's modules, evenly spread: a pure function of the job-wide list, so
+    every rank keeps the same ones."""
+    if len(names) <= max_modules:
+        return tuple(names)
+    stride = len(names) / max_modules
+    log.warning(
+        "gradwatch: %d modules eligible for activation statistics exceed max_activation_modules=%d; "
+        "hooking every %.1f-th", len(names), max_modules, stride,
+    )
+    return tuple(names[int(i * stride)] for i in range(max_modules))
 
-    def __init__(self, model: nn.Module, device: torch.device, max_modules: int) -> None:
-        picked = _eligible(model)
-        if len(picked) > max_modules:
-            stride = len(picked) / max_modules
-            log.warning(
-                "gradwatch: %d modules eligible for activation statistics exceed max_activation_modules=%d; "
-                "hooking every %.1f-th", len(picked), max_modules, stride,
-            )
-            picked = [picked[int(i * stride)] for i in range(max_modules)]
-        self.names: tuple[str, ...] = tuple(n for n, _ in picked)
+
+class ActivationMonitor:
+    """Owns the hooks and the per-step device accumulators for activations.
+
+    Its slots are the job's modules (`job_modules`, the union over ranks: pipeline stages hold different
+    ones), so every rank's buffers have one size and one order; a rank hooks the ones it holds and leaves
+    the others' slots zero, which every reduction (SUM, MAX of non-negative values) ignores."""
+
+    def __init__(self, model: nn.Module, device: torch.device, max_modules: int,
+                 job_modules: Optional[Sequence[str]] = None) -> None:
+        local = eligible(model)
+        self.names: tuple[str, ...] = cap([n for n, _ in local] if job_modules is None else job_modules, max_modules)
+        slot = {name: i for i, name in enumerate(self.names)}
+        picked = [(slot[name], module) for name, module in local if name in slot]
+        n = len(self.names)
         self.device = device
         self.sampling = False
         self.failed: Optional[BaseException] = None
+        self.failed_in: Optional[str] = None  # the module whose traced hook failed
         self.units: Optional[tuple[int, ...]] = None  # agreed unit counts, once known
-        self._local_units = [0] * len(picked)
-        self._first_bad = torch.full((len(picked),), float("inf"), device=device)
+        self._local_units = [0] * n
+        self._first_bad = torch.full((n,), float("inf"), device=device)
         self._calls = 0
-        self._acc = torch.zeros(5, len(picked), dtype=torch.float64, device=device)
-        self._max_abs = torch.zeros(len(picked), dtype=torch.float64, device=device)
-        self._alive: list[Optional[torch.Tensor]] = [None] * len(picked)
-        self._handles = [
-            module.register_forward_hook(self._make_hook(i, module)) for i, (_, module) in enumerate(picked)
-        ]
+        self._acc = torch.zeros(5, n, dtype=torch.float64, device=device)
+        self._max_abs = torch.zeros(n, dtype=torch.float64, device=device)
+        self._alive: list[Optional[torch.Tensor]] = [None] * n
+        # What traced hooks read and write instead of Python state (module docstring). `traced` turns
+        # on once one has run; eager hooks then count positions on the device too, in the same order.
+        self.traced = False
+        self._on = torch.zeros((), dtype=torch.bool, device=device)
+        self._position = torch.zeros((), dtype=torch.float32, device=device)
+        self._traced_units = torch.zeros(n, dtype=torch.float64, device=device)
+        self._traced_alive = torch.zeros(n * TRACED_UNITS + 1, dtype=torch.float64, device=device)  # + an always-zero slot
+        self._traced_gather: Optional[torch.Tensor] = None  # the agreed layout's units in _traced_alive
+        self._handles = [module.register_forward_hook(self._make_hook(i, module)) for i, module in picked]
 
     @property
     def num_modules(self) -> int:
@@ -103,17 +144,28 @@ class ActivationMonitor:
         if reset_sentinel:
             self._calls = 0
             self._first_bad.fill_(float("inf"))
+            if self.traced:
+                self._position.zero_()
         self.sampling = sampling
+        self._on.fill_(sampling)  # every step: compiled hooks may start at any step
         if sampling:
             self._acc.zero_()
             self._max_abs.zero_()
+            if self.traced:
+                self._traced_alive.zero_()
             if self.units is not None:
                 self._alive = [torch.zeros(u, dtype=torch.float64, device=self.device) if u else None for u in self.units]
 
     def _make_hook(self, index: int, module: nn.Module):
         saturation = "tanh" if isinstance(module, nn.Tanh) else "sigmoid" if isinstance(module, nn.Sigmoid) else None
+        name = self.names[index]
+        trace = types.MethodType(_own_code(ActivationMonitor._trace), self)  # per module too (module docstring)
 
         def hook(_module: nn.Module, inputs: tuple, output: object) -> None:
+            if torch.compiler.is_compiling():  # a constant while Dynamo traces: no guard, no graph break
+                if torch.is_grad_enabled():
+                    trace(index, name, output, inputs, saturation)
+                return
             if self.failed is not None or not torch.is_grad_enabled():
                 return  # disabled, or an evaluation forward pass
             try:
@@ -124,17 +176,21 @@ class ActivationMonitor:
             except Exception as exc:  # never let a hook break the user's forward pass
                 self.failed = exc
 
-        return hook
+        return _own_code(hook)
 
     def _observe(self, index: int, y: torch.Tensor, inputs: tuple, saturation: Optional[str]) -> None:
         if y.numel() == 0:
             return  # e.g. an expert that received no tokens
-        position = self._calls
-        self._calls += 1
-        total = y.sum(dtype=torch.float32)
         # The slot keeps the earliest forward position (this rank, this step) whose output was non-finite.
         slot = self._first_bad[index]
-        torch.fmin(slot, torch.where(torch.isfinite(total), float("inf"), float(position)), out=slot)
+        total = y.sum(dtype=torch.float32)
+        if self.traced:  # compiled hooks count on the device: take the same counter
+            torch.fmin(slot, torch.where(torch.isfinite(total), float("inf"), self._position), out=slot)
+            self._position.add_(1)
+        else:
+            position = self._calls
+            self._calls += 1
+            torch.fmin(slot, torch.where(torch.isfinite(total), float("inf"), float(position)), out=slot)
         if not self.sampling:
             return
         # float64 sums: std comes from E[x^2] - mean^2, which cancels badly in float32.
@@ -168,6 +224,50 @@ class ActivationMonitor:
         per_unit = y.movedim(unit_dim, -1).reshape(-1, units).ne(0).sum(0)
         alive += per_unit
 
+    def _trace(self, index: int, name: str, output: object, inputs: tuple, saturation: Optional[str]) -> None:
+        """`_observe` as Dynamo traces it: the same statistics from device state only, masked by the
+        sampling flag. A failure is recorded, not raised (the training goes on; `fill` reports it)."""
+        try:
+            y = _first_tensor(output)
+            if y is None or not y.is_floating_point() or y.numel() == 0:
+                return
+            if type(y) not in (torch.Tensor, nn.Parameter) or y.layout != torch.strided:  # a DTensor, a sparse tensor
+                raise TypeError("traced hooks take plain dense tensors, not " + type(y).__name__)
+            self.traced = True
+            y = y.detach()
+            total = y.sum(dtype=torch.float32)
+            slot = self._first_bad[index]
+            slot.copy_(torch.fmin(slot, torch.where(torch.isfinite(total), float("inf"), self._position)))
+            self._position.add_(1)
+            on = self._on
+            yf = y.double()
+            x = _first_tensor(inputs)
+            if saturation == "tanh" and x is not None:
+                saturated = (x.detach().abs() > TANH_SATURATION).sum()
+            elif saturation == "sigmoid" and x is not None:
+                low, high = SIGMOID_SATURATION
+                saturated = ((x.detach() < low) | (x.detach() > high)).sum()
+            else:
+                saturated = torch.zeros((), dtype=torch.int64, device=y.device)
+            rows = torch.stack([yf.sum(), (yf * yf).sum(), torch.full((), y.numel(), dtype=torch.float64, device=y.device),
+                                (~torch.isfinite(yf)).sum().double(), saturated.double()])
+            acc = self._acc[:, index]
+            acc.add_(torch.where(on, rows, 0.0))
+            slot = self._max_abs[index]
+            slot.copy_(torch.maximum(slot, torch.where(on, yf.abs().amax(), 0.0)))
+            if y.ndim:
+                unit_dim = 1 if y.ndim >= 4 else y.ndim - 1
+                units = y.shape[unit_dim]
+                k = min(units, TRACED_UNITS)
+                per_unit = y.movedim(unit_dim, -1).reshape(-1, units)[:, :k].ne(0).sum(0)
+                alive = self._traced_alive[index * TRACED_UNITS : index * TRACED_UNITS + k]
+                alive.add_(torch.where(on, per_unit, 0).double())
+                seen = self._traced_units[index]
+                seen.copy_(torch.maximum(seen, torch.where(on, float(k), 0.0)))
+        except Exception as exc:  # traced: the except branch is in the graph, and the training goes on
+            if self.failed is None:  # the first failure names the module
+                self.failed, self.failed_in = exc, name
+
     # ---- packet -------------------------------------------------------------------------------
 
     def spec(self, sampling: bool) -> list[Entry]:
@@ -190,7 +290,8 @@ class ActivationMonitor:
 
     def fill(self, packet: Packet) -> None:
         if self.failed is not None:
-            raise RuntimeError("activation hook failed") from self.failed
+            where = f" on module {self.failed_in!r} under torch.compile" if self.failed_in is not None else ""
+            raise RuntimeError(f"activation hook failed{where}: {self.failed!r}") from self.failed
         if "act_acc" not in packet:
             return
         packet.put("act_acc", self._acc)
@@ -200,10 +301,26 @@ class ActivationMonitor:
             for i, u in enumerate(self._local_units):
                 if u:
                     units[i].fill_(float(u))  # a scalar fill, not a host-to-device copy
+            if self.traced:
+                torch.maximum(units, self._traced_units, out=units)
         else:
             alive = [a for a in self._alive if a is not None]
             if alive:
-                packet.put("act_alive", torch.cat(alive))
+                eager = torch.cat(alive)
+                packet.put("act_alive", eager + self._traced_alive[self._gather()] if self.traced else eager)
+
+    def _gather(self) -> torch.Tensor:
+        """Where each unit of the agreed layout sits in the traced buffer (units past TRACED_UNITS: the zero
+        slot). Made on the device once (aranges, not a host-to-device copy)."""
+        if self._traced_gather is None:
+            assert self.units is not None
+            zero, parts = len(self._traced_alive) - 1, []
+            for i, u in enumerate(self.units):
+                kept = min(u, TRACED_UNITS)
+                parts.append(torch.arange(i * TRACED_UNITS, i * TRACED_UNITS + kept, device=self.device))
+                parts.append(torch.full((u - kept,), zero, dtype=torch.int64, device=self.device))
+            self._traced_gather = torch.cat(parts)
+        return self._traced_gather
 
     def agree_units(self, reduced_units: list[float]) -> None:
         """Adopt the unit counts every rank now holds identically (max across ranks)."""

@@ -63,6 +63,11 @@ class AgentConfig(BaseSettings):
     guard_warmup_steps: int = Field(25, ge=1, description="guard: steps that only build the baseline before clipping starts.")
     guard_max_norm: Optional[float] = Field(None, gt=0, description="guard: also clip any global norm above this (None: adaptive only).")
 
+    heartbeat_s: float = Field(
+        5.0, ge=0, le=3600,
+        description="Every rank publishes its progress (last step, phase) this often from a thread of its own, through the "
+        "job's c10d store; rank 0 exports every rank's, so a hung job's page names the ranks that did not arrive (0: off).",
+    )
     aggregator_url: Optional[str] = Field(None, description="Rank 0 polls this aggregator for remediation commands (None: no commands).")
     aggregator_token: Optional[SecretStr] = Field(None, description="Bearer token for the aggregator's command endpoints.")
     command_poll_s: float = Field(2.0, gt=0, le=3600, description="How often rank 0 polls for commands (a background thread).")

@@ -17,18 +17,24 @@ instead of renaming it to `exported_job` (deploy/prometheus does).
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
+import time
 from typing import Iterator, Optional
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..wire import metric_names as names
+from .heartbeat import Beat
 from .stats import NanOrigin, StepStats, early_late_ratio
 
 log = logging.getLogger("gradwatch.agent")
 
-FEATURES = ("stats", "activations", "export", "jsonl")
+# Each output fails open alone: "export" the exporter's state, "metrics" its HTTP endpoint, "publish"
+# the thread feeding "jsonl" and the listeners, "commands" the aggregator client.
+FEATURES = ("stats", "activations", "export", "metrics", "publish", "jsonl", "commands", "heartbeat")
 SKIP_REASONS = ("amp_overflow", "nonfinite", "command")  # GradScaler's own skip; the guard's; skip_steps
 
 
@@ -57,6 +63,9 @@ class AgentState:
         self.guard_bound: Optional[float] = None  # mode "guard": the adaptive clip bound in force
         self.clipped_steps_total = 0  # by the guard or a set_clip_norm command
         self.commands_applied_total: dict[str, int] = {}  # by command kind; a kind appears once applied
+        self.heartbeats: dict[int, Beat] = {}  # rank -> its latest published progress (heartbeat.py)
+        self.finished = False  # close() ran without an exception: the end is not an outage (agent_down)
+        self.scrapes: collections.deque[float] = collections.deque(maxlen=4)  # when the endpoint was last read
 
     def record(self, stats: StepStats) -> None:
         with self.lock:
@@ -87,56 +96,63 @@ class StatsCollector:
         with s.lock:
             latest, acts, update, detail = s.latest, s.latest_activations, s.latest_update, s.latest_detail
             eval_loss, origin = s.eval_loss, s.nan_origin
-            counters = dict(
-                steps=s.steps_total, nonfinite_steps=s.nonfinite_steps_total,
-                agent_collectives=s.collectives_total, agent_host_syncs=s.host_syncs_total,
-            )
+            counters = {
+                names.STEPS_TOTAL: s.steps_total, names.NONFINITE_STEPS_TOTAL: s.nonfinite_steps_total,
+                names.AGENT_COLLECTIVES_TOTAL: s.collectives_total, names.AGENT_HOST_SYNCS_TOTAL: s.host_syncs_total,
+            }
             errors = dict(s.errors_total)
             skipped = dict(s.skipped_steps_total)
             clipped, bound = s.clipped_steps_total, s.guard_bound
             applied = dict(s.commands_applied_total)
             last_time = s.last_step_time
+            beats = dict(s.heartbeats)
+            finished = s.finished
+            s.scrapes.append(time.time())  # after reading `finished`: a later scrape saw it
         job = s.job
 
-        info = _gauge("gradwatch_agent_info", "Agent build and topology (value is always 1).", ["job", "version", "world_size", "sharding"])
+        info = _gauge(names.AGENT_INFO, "Agent build and topology (value is always 1).", ["job", "version", "world_size", "sharding"])
         info.add_metric([job, s.version, str(s.world_size), s.sharding], 1)
         yield info
+        done = _gauge(names.TRAINING_FINISHED, "1 once the agent was closed without an exception: the job ended, it did not die.", ["job"])
+        done.add_metric([job], float(finished))
+        yield done
         for name, doc in (
-            ("steps", "Optimizer steps taken through the agent."),
-            ("nonfinite_steps", "Measured steps with a NaN/inf gradient, loss or activation."),
-            ("agent_collectives", "Collectives issued by the agent (documented: 0-2 per read of measured steps, up to 3 for the read at close; docs/agent.md)."),
-            ("agent_host_syncs", "Host-device syncs made by the agent (documented: 1 per read of measured steps; docs/agent.md)."),
+            (names.STEPS_TOTAL, "Optimizer steps taken through the agent."),
+            (names.NONFINITE_STEPS_TOTAL, "Measured steps with a NaN/inf gradient, loss or activation."),
+            (names.AGENT_COLLECTIVES_TOTAL, "Collectives issued by the agent (documented: 0-2 per read of measured steps, up to 3 for the read at close; docs/agent.md)."),
+            (names.AGENT_HOST_SYNCS_TOTAL, "Host-device syncs made by the agent (documented: 1 per read of measured steps; docs/agent.md)."),
         ):
-            c = CounterMetricFamily(f"gradwatch_{name}", doc, labels=["job"])
+            c = CounterMetricFamily(name, doc, labels=["job"])
             c.add_metric([job], counters[name])
             yield c
-        skip = CounterMetricFamily("gradwatch_skipped_steps", "Optimizer steps skipped (parameters unchanged), by reason.", labels=["job", "reason"])
+        skip = CounterMetricFamily(names.SKIPPED_STEPS_TOTAL, "Optimizer steps skipped (parameters unchanged), by reason.", labels=["job", "reason"])
         for reason, count in skipped.items():
             skip.add_metric([job, reason], count)
         yield skip
-        err = CounterMetricFamily("gradwatch_agent_errors", "Internal agent failures per feature; a failed feature is switched off, training goes on.", labels=["job", "feature"])
+        err = CounterMetricFamily(names.AGENT_ERRORS_TOTAL, "Internal agent failures per feature; a failed feature is switched off, training goes on.", labels=["job", "feature"])
         for feature in FEATURES:
             err.add_metric([job, feature], errors[feature])
         yield err
-        c = CounterMetricFamily("gradwatch_clipped_steps", "Steps whose gradients were clipped (the guard or a set_clip_norm command).", labels=["job"])
+        c = CounterMetricFamily(names.CLIPPED_STEPS_TOTAL, "Steps whose gradients were clipped (the guard or a set_clip_norm command).", labels=["job"])
         c.add_metric([job], clipped)
         yield c
         if applied:
-            c = CounterMetricFamily("gradwatch_commands_applied", "Remediation commands applied on every rank, by kind.", labels=["job", "kind"])
+            c = CounterMetricFamily(names.COMMANDS_APPLIED_TOTAL, "Remediation commands applied on every rank, by kind.", labels=["job", "kind"])
             for kind, count in sorted(applied.items()):
                 c.add_metric([job, kind], count)
             yield c
         if bound is not None:
-            g = _gauge("gradwatch_guard_clip_bound", "The guard's adaptive bound on the global gradient norm (EMA mean + z * std).", ["job"])
+            g = _gauge(names.GUARD_CLIP_BOUND, "The guard's adaptive bound on the global gradient norm (EMA mean + z * std).", ["job"])
             g.add_metric([job], bound)
             yield g
         if origin is not None:
-            g = _gauge("gradwatch_nan_origin_step", "Step at which a non-finite value first appeared, with where.", ["job", "kind", "layer", "rank"])
+            g = _gauge(names.NAN_ORIGIN_STEP, "Step at which a non-finite value first appeared, with where.", ["job", "kind", "layer", "rank"])
             rank = ",".join(map(str, origin.ranks)) if 0 < len(origin.ranks) < s.world_size else "all"
             g.add_metric([job, origin.kind, origin.layer, rank], origin.step)
             yield g
+        yield from self._liveness_metrics(job, beats)
         if eval_loss is not None:
-            g = _gauge("gradwatch_eval_loss", "Latest validation loss passed to observe_eval().", ["job"])
+            g = _gauge(names.EVAL_LOSS, "Latest validation loss passed to observe_eval().", ["job"])
             g.add_metric([job], eval_loss)
             yield g
         if latest is None:
@@ -147,29 +163,45 @@ class StatsCollector:
             yield from self._activation_metrics(job, acts)
 
     @staticmethod
+    def _liveness_metrics(job: str, beats: dict[int, Beat]) -> Iterator[Metric]:
+        if not beats:
+            return
+        for name, doc, get in (
+            (names.RANK_LAST_STEP, "The rank's last completed optimizer step (every step, measured or not).", lambda b: b.last_step),
+            (names.RANK_PHASE, "Where the rank's training thread is: 0 between steps, 1 forward, 2 after forward (loss, backward, "
+             "gradient all-reduce), 3 optimizer step.", lambda b: b.phase),
+            (names.RANK_PROGRESS_TIMESTAMP, "Unix time the rank's training thread entered its phase.", lambda b: b.progress_time),
+            (names.RANK_HEARTBEAT_TIMESTAMP, "Unix time of the rank's latest heartbeat (its heartbeat thread runs).", lambda b: b.beat_time),
+        ):
+            g = _gauge(name, doc, ["job", "rank"])
+            for rank, beat in sorted(beats.items()):
+                g.add_metric([job, str(rank)], get(beat))
+            yield g
+
+    @staticmethod
     def _step_metrics(job: str, st: StepStats, last_time: Optional[float]) -> Iterator[Metric]:
         for name, doc, value in (
-            ("gradwatch_step", "Latest measured optimizer step.", st.step),
-            ("gradwatch_grad_norm", "Global L2 norm of all gradients before clipping.", st.grad_norm),
-            ("gradwatch_grad_norm_early_late_ratio", "Gradient norm of the first quarter of layers over the last quarter's.", early_late_ratio(st.layer_grad_norm)),
-            ("gradwatch_last_step_timestamp_seconds", "Unix time of the latest measured step.", last_time),
-            ("gradwatch_loss", "Training loss, mean across ranks.", st.loss_mean),
-            ("gradwatch_loss_max", "Training loss, max across ranks.", st.loss_max),
+            (names.STEP, "Latest measured optimizer step.", st.step),
+            (names.GRAD_NORM, "Global L2 norm of all gradients before clipping.", st.grad_norm),
+            (names.GRAD_NORM_EARLY_LATE_RATIO, "Gradient norm of the first quarter of layers over the last quarter's.", early_late_ratio(st.layer_grad_norm)),
+            (names.LAST_STEP_TIMESTAMP, "Unix time of the latest measured step.", last_time),
+            (names.LOSS, "Training loss, mean across ranks.", st.loss_mean),
+            (names.LOSS_MAX, "Training loss, max across ranks.", st.loss_max),
         ):
             if value is not None:
                 g = _gauge(name, doc, ["job"])
                 g.add_metric([job], value)
                 yield g
-        lr = _gauge("gradwatch_learning_rate", "Learning rate per optimizer param group.", ["job", "param_group"])
+        lr = _gauge(names.LEARNING_RATE, "Learning rate per optimizer param group.", ["job", "param_group"])
         for i, value in enumerate(st.learning_rates):
             lr.add_metric([job, str(i)], value)
         yield lr
         amp_overflow = bool(st.extra.get("amp_overflow"))  # GradScaler skips these steps itself
         per_rank = (
-            ("gradwatch_rank_loss", "This rank's local training loss.", lambda r: r.loss),
-            ("gradwatch_rank_nonfinite", "Non-finite items on this rank this step (loss + activation modules + gradient layers; an AMP overflow's gradients do not count).",
+            (names.RANK_LOSS, "This rank's local training loss.", lambda r: r.loss),
+            (names.RANK_NONFINITE, "Non-finite items on this rank this step (loss + activation modules + gradient layers; an AMP overflow's gradients do not count).",
              lambda r: int(r.loss_nonfinite) + r.nonfinite_modules + (0 if amp_overflow else r.nonfinite_layers)),
-            ("gradwatch_rank_step_seconds", "This rank's wall time per step (data, forward, backward, optimizer, agent), since its previous measured step.", lambda r: r.step_seconds),
+            (names.RANK_STEP_SECONDS, "This rank's wall time per step (data, forward, backward, optimizer, agent), since its previous measured step.", lambda r: r.step_seconds),
         )
         for name, doc, get in per_rank:
             g = _gauge(name, doc, ["job", "rank"])
@@ -182,14 +214,14 @@ class StatsCollector:
     @staticmethod
     def _layer_metrics(job: str, st: StepStats, update, detail) -> Iterator[Metric]:
         columns = [
-            ("gradwatch_layer_grad_norm", "Per-layer gradient L2 norm (full tensor, across shards).", st.layers, st.layer_grad_norm),
-            ("gradwatch_layer_grad_nonfinite", "1 if the layer's gradient holds a NaN/inf.", st.layers, [float(b) for b in st.layer_grad_nonfinite]),
+            (names.LAYER_GRAD_NORM, "Per-layer gradient L2 norm (full tensor, across shards).", st.layers, st.layer_grad_norm),
+            (names.LAYER_GRAD_NONFINITE, "1 if the layer's gradient holds a NaN/inf.", st.layers, [float(b) for b in st.layer_grad_nonfinite]),
         ]
         if detail is not None:  # the latest detail step's (every detail_every steps)
             layers, max_abs, weight_norm = detail
             columns += [
-                ("gradwatch_layer_grad_max_abs", "Per-layer largest absolute gradient element (latest detail step).", layers, max_abs),
-                ("gradwatch_layer_weight_norm", "Per-layer weight L2 norm (latest detail step).", layers, weight_norm),
+                (names.LAYER_GRAD_MAX_ABS, "Per-layer largest absolute gradient element (latest detail step).", layers, max_abs),
+                (names.LAYER_WEIGHT_NORM, "Per-layer weight L2 norm (latest detail step).", layers, weight_norm),
             ]
         for name, doc, layers, values in columns:
             g = _gauge(name, doc, ["job", "layer"])
@@ -197,7 +229,7 @@ class StatsCollector:
                 g.add_metric([job, layer], value)
             yield g
         if update is not None:
-            g = _gauge("gradwatch_layer_update_ratio", "||dw||/||w|| of the latest sampled optimizer update.", ["job", "layer"])
+            g = _gauge(names.LAYER_UPDATE_RATIO, "||dw||/||w|| of the latest sampled optimizer update.", ["job", "layer"])
             for layer, value in zip(*update):
                 g.add_metric([job, layer], value)
             yield g
@@ -205,14 +237,14 @@ class StatsCollector:
     @staticmethod
     def _activation_metrics(job: str, acts) -> Iterator[Metric]:
         columns = [
-            ("gradwatch_activation_mean", "Mean of the module's output (sampled step).", acts.mean),
-            ("gradwatch_activation_std", "Std of the module's output (sampled step).", acts.std),
-            ("gradwatch_activation_max_abs", "Largest absolute output element (sampled step).", acts.max_abs),
-            ("gradwatch_activation_nonfinite", "NaN/inf output elements (sampled step).", acts.nonfinite),
-            ("gradwatch_activation_saturated_ratio", "Fraction of tanh/sigmoid inputs in the saturated range.", acts.saturated_ratio),
+            (names.ACTIVATION_MEAN, "Mean of the module's output (sampled step).", acts.mean),
+            (names.ACTIVATION_STD, "Std of the module's output (sampled step).", acts.std),
+            (names.ACTIVATION_MAX_ABS, "Largest absolute output element (sampled step).", acts.max_abs),
+            (names.ACTIVATION_NONFINITE, "NaN/inf output elements (sampled step).", acts.nonfinite),
+            (names.ACTIVATION_SATURATED_RATIO, "Fraction of tanh/sigmoid inputs in the saturated range.", acts.saturated_ratio),
         ]
         if acts.dead_ratio is not None:
-            columns.append(("gradwatch_activation_dead_ratio", "Fraction of units zero for every sample of the global batch.", acts.dead_ratio))
+            columns.append((names.ACTIVATION_DEAD_RATIO, "Fraction of units zero for every sample of the global batch.", acts.dead_ratio))
         for name, doc, values in columns:
             g = _gauge(name, doc, ["job", "layer"])
             for module, value in zip(acts.modules, values):
@@ -224,11 +256,29 @@ class MetricsServer:
     """The HTTP endpoint (read-only) serving one `AgentState`."""
 
     def __init__(self, state: AgentState, port: int, addr: str) -> None:
+        self.state = state
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(state))
         self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
         self.port: int = self._server.server_port
         log.info("gradwatch: serving Prometheus metrics on http://%s:%d/metrics", addr, self.port)
+
+    def await_scrape(self, max_wait_s: float = 60.0) -> bool:
+        """Training ended: if something scrapes this endpoint (two scrapes seen), wait for its next
+        scrape, at most 2.5 of its intervals, so it reads gradwatch_training_finished before the series
+        go; else the end would look like an outage (agent_down). True if a scrape came."""
+        with self.state.lock:
+            times = list(self.state.scrapes)
+        if len(times) < 2:
+            return False
+        start = time.time()
+        deadline = start + min(max_wait_s, max(1.0, 2.5 * (times[-1] - times[-2])))
+        while time.time() < deadline:
+            with self.state.lock:
+                if self.state.scrapes and self.state.scrapes[-1] > start:
+                    return True
+            time.sleep(0.05)
+        return False
 
     def close(self) -> None:
         self._server.shutdown()

@@ -18,8 +18,11 @@ Costs (documented in docs/agent.md, counted in gradwatch_agent_* metrics):
   of the layers.
   host-device syncs: 1 per combination (per measured step in one process and in mode guard).
   collectives: 0 in one process; per combination, DDP: 1 (SUM), 2 if one of its steps is
-  activation-sampled (SUM + MAX); FSDP: 1 (SUM), 2 if one is a detail (max-abs, weight norms) or
-  activation-sampled step.
+  activation-sampled (SUM + MAX); sharded layouts (FSDP, HSDP, TP, FSDP2+TP, sharded experts):
+  1 (SUM), 2 if one is a detail (max-abs, weight norms) or activation-sampled step; layouts where
+  each layer is measured whole by one rank (pipeline stages, whole experts) as DDP.
+  at construction: 2 all_gather_object on the default group, agreeing the job-wide layer plan.
+  heartbeat (its own thread, not a collective): one c10d store write and read per heartbeat_s.
 
 Fail-open: an exception inside the agent never reaches the training loop. A failure on one rank is
 raised as a flag inside the next all-reduce, so every rank switches the failed feature off at the
@@ -39,14 +42,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
-from ..aggregator.commands import decode, encode
-from .activations import ActivationMonitor
+from ..wire.commands import decode, encode
+from .activations import ActivationMonitor, eligible
 from .closing import ClosingGroup
 from .config import AgentConfig
 from .exporter import AgentState, MetricsServer
 from .grad_stats import GradStats
 from .guard import Decision, Guard
-from .layers import build_layer_plan
+from .heartbeat import OPTIMIZER, Beat, Heartbeat, Progress, hook_phases, install_stack_signal
+from .layout import agree, decline
 from .packet import Combined, Counters, Entry, Packet, Reduce
 from .publisher import JsonlSink, Publisher
 from .remote import CommandClient
@@ -176,10 +180,16 @@ class HealthAgent:
         **settings: Any,
     ) -> None:
         """`settings` are AgentConfig fields (`job="my-run"`); they override `GRADWATCH_*` variables."""
-        self.config = AgentConfig(**{**(config.model_dump() if config is not None else {}), **settings})
+        try:  # what can fail on one rank alone, before the ranks first meet (in agree)
+            self.config = AgentConfig(**{**(config.model_dump() if config is not None else {}), **settings})
+            self.topology = detect(model)
+            hooked = bool(self.config.activation_every) and self.config.mode != "off"
+            modules = [name for name, _ in eligible(model)] if hooked else []
+        except Exception as exc:
+            decline(exc)
+            raise
         self.model = model
         self.optimizer = optimizer
-        self.topology = detect(model)
         self.rank, self.world_size = self.topology.rank, self.topology.world_size
         self.state = AgentState(self.config.job, self.world_size, self.topology.sharding, _version())
         self.counters = Counters()
@@ -205,21 +215,24 @@ class HealthAgent:
         self._listeners: list[Listener] = []
         self._last_fill = (time.perf_counter(), 0)  # (when, step) of this rank's latest measured step
         self._closing: Optional[ClosingGroup] = None  # reads the steps still pending at close()
+        self._failed_exit = False  # left `with agent:` on an exception: the job did not finish
         # made at the first measured step, where every rank meets (closing.py)
         self._closing_due = self.world_size > 1 and self._enabled["stats"] and c.mode == "observe" and c.combine_seconds > 0
 
         for obj in (model, getattr(model, "module", None), optimizer):
             if obj is not None:
                 _ATTACHED[obj] = self
-        plan = build_layer_plan(model, self.config.layer_depth, self.config.max_layers)
-        self.layers = plan.names
-        # DDP outside mode guard: each rank measures its share of the (replicated) layers. The guard
-        # reads them all on every rank, to catch a fault on one rank's copy before it steps.
-        self._grads = GradStats(plan, self.topology.device, self.topology.sharded, self.rank, self.world_size,
-                                split=self.topology.sharding == "ddp" and self.guard is None)
+        # One plan for the whole job, agreed across ranks (layout.py). Mode observe: each piece of each
+        # tensor measured by one of its holders; the guard reads every copy on every rank, to catch a
+        # fault in one rank's copy before it steps.
+        self.layout, named = agree(model, self.rank, self.world_size, rank_local_plain=self.topology.rank_local_plain,
+                                   every_copy=self.guard is not None, depth=c.layer_depth, max_layers=c.max_layers,
+                                   modules=modules)
+        self.layers = self.layout.layers
+        self._grads = GradStats([p for _, p in named], self.layout, self.topology.device)
         self._acts: Optional[ActivationMonitor] = None
-        if self.config.activation_every and self._enabled["stats"]:
-            self._acts = ActivationMonitor(model, self.topology.device, self.config.max_activation_modules)
+        if hooked:
+            self._acts = ActivationMonitor(model, self.topology.device, self.config.max_activation_modules, self.layout.modules)
             self._acts.begin_step(self._activation_due(0), reset_sentinel=True)
 
         self.metrics: Optional[MetricsServer] = None
@@ -229,8 +242,8 @@ class HealthAgent:
             if self.config.metrics_port is not None:
                 try:
                     self.metrics = MetricsServer(self.state, self.config.metrics_port, self.config.metrics_addr)
-                except Exception as exc:
-                    self._fail("export", exc)
+                except Exception as exc:  # the metrics endpoint alone: JSONL and listeners go on
+                    self._fail("metrics", exc)
             if self.config.jsonl_path is not None:
                 try:
                     self._jsonl = JsonlSink(self.config.jsonl_path)
@@ -238,10 +251,21 @@ class HealthAgent:
                 except Exception as exc:
                     self._fail("jsonl", exc)
         self._publisher = Publisher(sinks, self._fail)
+        self._progress = Progress()
+        self._heartbeat: Optional[Heartbeat] = None
+        self._phase_hooks: list[Any] = []
+        if self._enabled["stats"] and c.heartbeat_s > 0:
+            install_stack_signal()
+            try:
+                self._phase_hooks = hook_phases(model, self._progress)
+                self._heartbeat = Heartbeat(c.job, self.rank, self.world_size, self._progress, c.heartbeat_s,
+                                            self._take_beats, lambda exc: self._fail("heartbeat", exc))
+            except Exception as exc:
+                self._fail("heartbeat", exc)
         self._remote: Optional[CommandClient] = None
         if self.rank == 0 and self._enabled["stats"] and self.config.aggregator_url and self.config.aggregator_token:
             self._remote = CommandClient(self.config.aggregator_url, self.config.aggregator_token.get_secret_value(),
-                                         self.config.job, self.config.command_poll_s)
+                                         self.config.job, self.config.command_poll_s, out_of_band=self._out_of_band)
 
     @classmethod
     def from_env(cls, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, **settings: Any) -> "HealthAgent":
@@ -347,6 +371,7 @@ class HealthAgent:
         if optimizer is None:
             raise TypeError("HealthAgent.step needs the optimizer (pass it here or to HealthAgent(...))")
         step = self._step
+        self._progress.enter(OPTIMIZER)
         self._apply_commands(step, optimizer)  # read with an earlier step's packet (mode observe)
         measured = self._enabled["stats"] and self._measured(step)
         in_flight = self._measure(step, optimizer, loss, scaler) if measured else None
@@ -370,6 +395,7 @@ class HealthAgent:
             if in_flight is not None:  # observe mode: the reduction ran while the optimizer stepped
                 self._finish(in_flight)
         self._step += 1
+        self._progress.completed(step)
         self.state.steps_total = self._step
         if self._acts is not None and self._enabled["stats"]:
             acts = self._acts
@@ -402,10 +428,17 @@ class HealthAgent:
         if self._closing is not None:
             self._closing.destroy()
             self._closing = None
-        for feature, part in (("export", self._remote), ("export", self._publisher), ("jsonl", self._jsonl), ("export", self.metrics), ("activations", self._acts)):
+        if self.metrics is not None and not self._failed_exit:
+            with self.state.lock:
+                self.state.finished = True
+            self._guarded("metrics", self.metrics.await_scrape)
+        for handle in self._phase_hooks:
+            handle.remove()
+        self._phase_hooks = []
+        for feature, part in (("heartbeat", self._heartbeat), ("commands", self._remote), ("publish", self._publisher), ("jsonl", self._jsonl), ("metrics", self.metrics), ("activations", self._acts)):
             if part is not None:
                 self._guarded(feature, part.close)
-        self._jsonl, self.metrics, self._remote = None, None, None
+        self._jsonl, self.metrics, self._remote, self._heartbeat = None, None, None, None
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait (bounded) until every measured step read so far (combined, across ranks) has reached the
@@ -424,7 +457,8 @@ class HealthAgent:
     def __enter__(self) -> "HealthAgent":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._failed_exit = exc_type is not None  # an exception ends the job: not "finished"
         self.close()
 
     # ---- the guard (mode "guard"): decisions from values every rank holds identically -----------
@@ -496,7 +530,7 @@ class HealthAgent:
         if self.rank == 0:
             log.warning("gradwatch: command %s(%g) %s at step %d on every rank", kind, value, outcome, step)
             if cmd is not None and self._remote is not None:
-                self._guarded("export", lambda: self._remote.ack(cmd.id, step, outcome, detail))
+                self._guarded("commands", lambda: self._remote.ack(cmd.id, step, outcome, detail))
         if kind == "halt" and outcome == "applied":
             self._halt(step, cmd.spec.reason if cmd is not None else "")
 
@@ -505,7 +539,7 @@ class HealthAgent:
         if self.rank == 0:
             log.error("gradwatch: halting at step %d on every rank: %s", step, reason)
         if self._remote is not None:  # the ack first: the callback may take long, and a relaunch must not halt again
-            self._guarded("export", self._remote.close)
+            self._guarded("commands", self._remote.close)
             self._remote = None
         if self._on_halt is not None:
             try:
@@ -651,10 +685,8 @@ class HealthAgent:
 
     @torch.no_grad()
     def _fill_local(self, packet: Packet, row: torch.Tensor, loss: Any, step: int) -> None:
-        local_sumsq = self._grads.add_gradients(packet)
+        self._grads.add_gradients(packet)
         self._grads.add_weights(packet)
-        if not self._grads.split:  # split: every rank's count is the reduced one (_publish)
-            row[RANK_INDEX["nonfinite_layers"]].copy_((~torch.isfinite(local_sumsq)).sum())
         if loss is not None:  # a non-finite loss reads as one on the host: no device test for it
             row[RANK_INDEX["has_loss"]].fill_(1.0)
             if isinstance(loss, torch.Tensor) and loss.device == self.topology.device:
@@ -705,10 +737,7 @@ class HealthAgent:
             host = {k: v for k, v in host.items() if not k.startswith("act_")}
         grad_sumsq = host["grad_sumsq"]
         layer_nonfinite = [not math.isfinite(v) for v in grad_sumsq]
-        ranks = decode_ranks(slab, self.world_size)
-        if self._grads.split:  # replicated gradients, each layer read on one rank: every copy has them
-            for r in ranks:
-                r.nonfinite_layers = sum(layer_nonfinite)
+        ranks = decode_ranks(slab, self.world_size, self.layout.nonfinite_per_rank(layer_nonfinite))
         losses = [r.loss for r in ranks if r.loss is not None]
         stats = StepStats(
             step=step,
@@ -739,25 +768,42 @@ class HealthAgent:
             stats.extra["amp_overflow"] = True
         elif stats.nonfinite and self.nan_origin is None:
             first_bad = [int(slab[r * len(RANK_FIELDS) + RANK_INDEX["first_bad_module"]]) for r in range(self.world_size)]
-            stats.nan_origin = find_nan_origin(stats, first_bad, module_names, replicated_grads=not self.topology.sharded)
+            stats.nan_origin = find_nan_origin(stats, first_bad, module_names, self.layout.ranks_holding)
             self.nan_origin = stats.nan_origin
             if self.rank == 0 and stats.nan_origin is not None:
                 o = stats.nan_origin
                 log.error("gradwatch: first non-finite %s at step %d, layer %s, rank(s) %s", o.kind, o.step, o.layer, list(o.ranks) or "all")
         stats.extra["agent_seconds"] = time.perf_counter() - started
         self.last_stats = stats
-        if self.rank == 0 and self._enabled.get("export", True):
-            # Rank 0 alone: a failure here must not touch "stats", which gates collectives.
-            self._guarded("export", lambda: self._export(stats), disable=True)
+        if self.rank == 0:
+            # Rank 0 alone, and each output on its own: the exporter's state, and the publisher that
+            # feeds the JSONL file and the listeners (watch_rules), fail open separately; neither
+            # touches "stats", which gates collectives.
+            if self._enabled.get("export", True):
+                self._guarded("export", lambda: self._record(stats), disable=True)
+            if self._enabled.get("publish", True):
+                self._guarded("publish", lambda: self._publisher.submit(stats), disable=True)
 
-    def _export(self, stats: StepStats) -> None:
+    def _out_of_band(self, cmd: Any) -> tuple[int, str]:
+        """dump_stacks, on the command thread (the training thread may be the one that hangs)."""
+        if self._heartbeat is None:
+            raise RuntimeError("dump_stacks needs the heartbeat (heartbeat_s > 0); send SIGUSR1 to each rank instead")
+        self._heartbeat.request_stack_dump()
+        return self._progress.now[0], f"every rank writes its Python stacks to its log within {self.config.heartbeat_s:g} s"
+
+    def _take_beats(self, beats: dict[int, Beat]) -> None:
+        """Rank 0's heartbeat thread: every rank's latest progress, for the exporter."""
+        with self.state.lock:
+            self.state.heartbeats = beats
+
+    def _record(self, stats: StepStats) -> None:
+        """The exporter's view of this step (read by the metrics server thread, when it runs)."""
         with self.state.lock:
             self.state.nonfinite_steps_total += int(stats.nonfinite and not stats.extra.get("amp_overflow"))
             self.state.skipped_steps_total["amp_overflow"] += int(bool(stats.extra.get("amp_overflow")))
             self.state.collectives_total = self.counters.collectives
             self.state.host_syncs_total = self.counters.host_syncs
         self.state.record(stats)
-        self._publisher.submit(stats)
 
     # ---- fail-open ----------------------------------------------------------------------------
 

@@ -1,14 +1,14 @@
 """Which parameter tensors make up each reported layer.
 
-The plan is built once, from parameter names alone, so it is identical on every rank (names and
-order are the same everywhere under DDP and FSDP2). Cardinality is bounded here: if the grouping
-asked for yields more than `max_layers` layers, it coarsens until it fits and says so once.
+The grouping is a function of parameter names alone, so ranks that see the same names group them the
+same way (the job-wide list of names, across pipeline stages, is layout.py's). Cardinality is bounded
+here: if the grouping asked for yields more than `max_layers` layers, it coarsens until it fits and
+says so once.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -23,20 +23,6 @@ def clean_name(name: str) -> str:
     """`module._orig_mod.encoder.0.weight` -> `encoder.0.weight` (DDP, compile, FSDP1, checkpoint wrappers)."""
     parts = [part for part in name.split(".") if part not in _WRAPPER_PARTS]
     return ".".join(parts) or name
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Trainable parameters in a fixed order, and the layer each belongs to."""
-
-    names: tuple[str, ...]  # layer names, in first-appearance order
-    params: tuple[torch.nn.Parameter, ...]  # trainable parameters, registration order
-    param_names: tuple[str, ...]
-    layer_of_param: tuple[int, ...]  # index into `names`, per parameter
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.names)
 
 
 def _group_key(param_name: str, depth: Optional[int]) -> str:
@@ -70,12 +56,9 @@ def _chunked(param_names: Sequence[str], max_layers: int) -> tuple[list[str], li
     return names, layer_of_param
 
 
-def build_layer_plan(model: torch.nn.Module, depth: Optional[int], max_layers: int) -> LayerPlan:
-    """Group the model's trainable parameters into at most `max_layers` named layers."""
-    named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    param_names = [n for n, _ in named]
+def group_layers(param_names: Sequence[str], depth: Optional[int], max_layers: int) -> tuple[list[str], list[int]]:
+    """Layer names and each parameter's layer: grouped by `depth`, coarsened to at most `max_layers`.
+    A function of the names alone, so ranks that see the same names group them the same way."""
     names, layer_of_param = _assign(param_names, depth)
     if len(names) > max_layers:
         deepest = max(len(n.split(".")) for n in param_names) - 1
@@ -91,9 +74,10 @@ def build_layer_plan(model: torch.nn.Module, depth: Optional[int], max_layers: i
             "(set layer_depth or max_layers to choose the grouping)",
             len(param_names), max_layers, len(names),
         )
-    return LayerPlan(
-        names=tuple(names),
-        params=tuple(p for _, p in named),
-        param_names=tuple(param_names),
-        layer_of_param=tuple(layer_of_param),
-    )
+    return names, layer_of_param
+
+
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The model's trainable parameters with their clean names, in registration order (a pipeline
+    stage may hold none)."""
+    return [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]

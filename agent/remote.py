@@ -1,6 +1,7 @@
 """Rank 0's link to the aggregator: polls this job's pending commands and posts acknowledgements on
 a daemon thread, with timeouts. The training step only takes what has already arrived (never
 waits); if the aggregator is down, training goes on and this says so once (and once when it is back).
+Out-of-band commands (dump_stacks) are applied on this thread at once, since a hung job steps no more.
 Standard library only: the agent installs without the service's dependencies."""
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Optional
+from typing import Callable, Optional
 
-from ..aggregator.commands import Ack, Command
+from ..wire.commands import OUT_OF_BAND, Ack, Command
 
 log = logging.getLogger("gradwatch.agent")
 
 
 class CommandClient:
-    def __init__(self, url: str, token: str, job: str, poll_s: float, timeout_s: float = 2.0) -> None:
+    def __init__(self, url: str, token: str, job: str, poll_s: float, timeout_s: float = 2.0,
+                 out_of_band: Optional[Callable[[Command], tuple[int, str]]] = None) -> None:
+        """`out_of_band(command) -> (step, detail)` applies an OUT_OF_BAND command on this thread."""
         self.base, self.job, self.poll_s, self.timeout_s = url.rstrip("/"), job, poll_s, timeout_s
+        self._out_of_band = out_of_band
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._lock = threading.Lock()
         self._inbox: "collections.deque[tuple[Command, float]]" = collections.deque()  # (command, monotonic deadline)
@@ -95,8 +99,23 @@ class CommandClient:
             with self._lock:
                 self._acks.append((command_id, Ack(step=0, outcome="rejected", detail=f"invalid command: {exc!r}"[:400])))
             return
+        if cmd.spec.kind in OUT_OF_BAND:
+            self._apply_out_of_band(cmd)
+            return
         with self._lock:
             self._inbox.append((cmd, received + (cmd.expires_at - served_at)))
+
+    def _apply_out_of_band(self, cmd: Command) -> None:
+        try:
+            if self._out_of_band is None:
+                raise RuntimeError(f"{cmd.spec.kind} is not supported by this agent")
+            step, detail = self._out_of_band(cmd)
+            ack = Ack(step=max(step, 0), outcome="applied", detail=detail[:500])
+        except Exception as exc:
+            ack = Ack(step=0, outcome="rejected", detail=f"{exc!r}"[:500])
+        log.warning("gradwatch: command %s %s: %s", cmd.spec.kind, ack.outcome, ack.detail)
+        with self._lock:
+            self._acks.append((cmd.id, ack))
 
     def _send_acks(self) -> bool:
         """Post queued acks in order; False if one could not be delivered (it stays queued)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 # Per-rank slab: each rank writes its own row of a world_size x RANK_FIELDS block of the SUM
 # buffer; summing gives every rank every row (an all-gather folded into the all-reduce).
@@ -16,7 +16,6 @@ RANK_FIELDS = (
     "loss",                # this rank's local loss (mean of the tensor passed)
     "nonfinite_modules",   # hooked modules whose output was non-finite this step
     "first_bad_module",    # 1 + index of the module that went non-finite first (0 = none)
-    "nonfinite_layers",    # layers whose local gradient (shard) is non-finite (DDP split: set on the host)
     "step_seconds",        # this rank's wall time per step since its previous measured step
     "error",               # 1 if the agent failed on this rank this step (all ranks then back off)
 )
@@ -48,7 +47,7 @@ class RankStats:
     loss: Optional[float]
     loss_nonfinite: bool
     nonfinite_modules: int
-    nonfinite_layers: int
+    nonfinite_layers: int  # non-finite layers this rank holds a piece of
     step_seconds: float
 
 
@@ -114,7 +113,8 @@ def _sqrt(values: list[float]) -> list[float]:
     return [math.sqrt(v) if v >= 0 else float("nan") for v in values]
 
 
-def decode_ranks(slab: list[float], world_size: int) -> list[RankStats]:
+def decode_ranks(slab: list[float], world_size: int, nonfinite_layers: list[int]) -> list[RankStats]:
+    """`nonfinite_layers`: per rank, from the reduced layer values and the layout (not in the slab)."""
     width = len(RANK_FIELDS)
     out = []
     for rank in range(world_size):
@@ -126,7 +126,7 @@ def decode_ranks(slab: list[float], world_size: int) -> list[RankStats]:
                 loss=get("loss") if get("has_loss") else None,
                 loss_nonfinite=bool(get("has_loss")) and not math.isfinite(get("loss")),
                 nonfinite_modules=int(get("nonfinite_modules")),
-                nonfinite_layers=int(get("nonfinite_layers")),
+                nonfinite_layers=nonfinite_layers[rank],
                 step_seconds=get("step_seconds"),
             )
         )
@@ -165,18 +165,19 @@ def decode_activations(host: dict[str, list[float]], modules: tuple[str, ...], u
     )
 
 
-def find_nan_origin(stats: StepStats, first_bad_module: list[int], module_names: tuple[str, ...], replicated_grads: bool) -> Optional[NanOrigin]:
+def find_nan_origin(stats: StepStats, first_bad_module: list[int], module_names: tuple[str, ...],
+                    ranks_holding: Callable[[int], tuple[int, ...]]) -> Optional[NanOrigin]:
     """Forward before backward: a non-finite activation, else a loss, else a gradient. A module index
-    with no name (activation statistics were switched off after this step was measured) is ignored."""
+    with no name (activation statistics were switched off after this step was measured) is ignored.
+    `ranks_holding(layer)`: the ranks a gradient's origin is named by (a pipeline stage's), or ()."""
     bad_act = [r.rank for r, m in zip(stats.ranks, first_bad_module) if 0 < m <= len(module_names)]
     if bad_act:
         return NanOrigin(stats.step, "activation", module_names[first_bad_module[bad_act[0]] - 1], tuple(bad_act))
     bad_loss = [r.rank for r in stats.ranks if r.loss_nonfinite]
     if bad_loss:
         return NanOrigin(stats.step, "loss", "loss", tuple(bad_loss))
-    bad_layers = [name for name, bad in zip(stats.layers, stats.layer_grad_nonfinite) if bad]
+    bad_layers = [i for i, bad in enumerate(stats.layer_grad_nonfinite) if bad]
     if bad_layers:
-        ranks = () if replicated_grads else tuple(r.rank for r in stats.ranks if r.nonfinite_layers)
         # Backward runs from the output: the last layer in model order is where it entered.
-        return NanOrigin(stats.step, "gradient", bad_layers[-1], ranks)
+        return NanOrigin(stats.step, "gradient", stats.layers[bad_layers[-1]], ranks_holding(bad_layers[-1]))
     return None

@@ -1,14 +1,19 @@
 """Agent overhead against a plain training step and against peers, side by side in one run.
 
-    .venv/bin/python benchmarks/overhead.py [--models mlp gpt] [--wraps ddp fsdp2] [--rounds 3] [--cycles 5] [--json out.json]
+    .venv/bin/python benchmarks/overhead.py [--models mlp gpt] [--wraps ddp fsdp2] [--rounds 3] [--cycles 5]
+        [--compile-backend inductor] [--json out.json]
+    .venv/bin/python benchmarks/overhead.py --world 4 --wraps hsdp fsdp2+tp ...
 
-Two gloo ranks on this machine's CPU (torch.multiprocessing). For every model and wrapping, every
+Gloo ranks on this machine's CPU (torch.multiprocessing): 2 by default; the 2-D layouts need
+`--world 4`: hsdp is fully_shard on a 2 x 2 (replicate, shard) mesh, fsdp2+tp tensor parallelism over
+2 ranks (the mlp's Linear pairs column- then row-wise) inside FSDP2 over the other 2 (mlp only). For every model and wrapping, every
 configuration's model, optimizer and monitor are built side by side; blocks of `--steps` steps are
 then taken in turn (configuration A's block, B's block, ...), `--cycles` times, and all of that
 `--rounds` times with fresh runners and a rotated order. Each block is paired with the baseline's
 block of the same cycle, so a ratio compares steps taken seconds apart, and the report gives:
 
-  ratio      median over blocks of (configuration's step time / baseline's, same cycle), and its quartiles
+  ratio      median over blocks of (configuration's step time / baseline's, same cycle), and its quartiles;
+             the compiled configurations' baseline is the compiled model (`paired_with` in the JSON)
   +ms/step   median of the paired differences: the time the configuration adds to a step
   cpu ratio  the same ratio for CPU seconds summed over the ranks (every thread; waiting not counted)
   monitor ms the monitor's own calls after backward(), timed around them on each rank, the
@@ -31,6 +36,11 @@ The configurations:
   peer-wandb     wandb.watch(model, log="all", log_freq=1), offline, on rank 0 (gradient and weight
                  histograms); timed against a baseline of its own (its service process works on after
                  its steps and would slow whichever block came next)
+  compiled-baseline  torch.compile(DDP(model)) (`--compile-backend`, default inductor), no monitor: the
+                 baseline the two below are paired with (their ratio is to it, not to `baseline`)
+  compiled       ... with gradwatch attached as `grad` (activations off)
+  compiled+act/10  ... with activation statistics every 10 steps, the hooks traced into the graph
+                 (DDP only: FSDP2 is compiled per block, which this benchmark does not do)
 
 Head to head: each gradwatch configuration against the peer at its coverage (`grad` against
 `peer-loop`), block by block within the same cycle: the median of (agent's block - peer's block) in
@@ -45,7 +55,8 @@ After the configurations, the price of one collective on this machine: an asynch
 Scalar reads (`aten._local_scalar_dense`, i.e. `.item()`: a host-device sync on a GPU) and
 collectives (the c10d ops the dispatcher sees; "extra" = beyond the baseline's, i.e. DDP's or FSDP's
 own) are counted per step over 20 further, untimed steps (two of them detail steps) under a
-dispatch mode.
+dispatch mode. For the compiled configurations the same 22 steps count what Dynamo compiled: graphs,
+recompiles and graph breaks (DDP's own forward graph-breaks, agent or not).
 """
 
 from __future__ import annotations
@@ -65,12 +76,22 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-CONFIGS = ("baseline", "control", "grad", "grad+act/10", "everything", "guard", "peer-loop", "peer-wandb")
+CONFIGS = ("baseline", "control", "grad", "grad+act/10", "everything", "guard", "peer-loop", "peer-wandb",
+           "compiled-baseline", "compiled", "compiled+act/10")
+COMPILED = ("compiled-baseline", "compiled", "compiled+act/10")
+
+
+def paired_with(config: str) -> str:
+    """The baseline a configuration's blocks are paired with: a compiled model's is the compiled model."""
+    return "compiled-baseline" if config in COMPILED else "baseline"
+
 # A gradwatch configuration and the peer measured at its coverage, compared block by block.
 HEAD_TO_HEAD = (("grad", "peer-loop"),)
-WORLD = 2
+WORLD = 2  # ranks: --world
+TWO_D = ("hsdp", "fsdp2+tp")  # the 2 x 2 mesh layouts
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -101,7 +122,7 @@ class TinyGPT(nn.Module):
 
 
 def batch(model_name: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(step * WORLD + dist.get_rank())
+    g = torch.Generator().manual_seed(step * dist.get_world_size() + dist.get_rank())
     if model_name == "mlp":
         return torch.randn(64, 512, generator=g), torch.randint(0, 10, (64,), generator=g)
     idx = torch.randint(0, 512, (4, 129), generator=g)
@@ -112,17 +133,49 @@ def loss_fn(model_name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-def build(model_name: str, wrap: str) -> nn.Module:
+class UserForward(nn.Module):
+    """The mlp under a forward of the user's own: Dynamo does not compile torch.nn's own forwards as frames
+    of their own (nn.Sequential's, reached from DDP's untraced forward), so torch.compile(DDP(mlp)) would
+    run it eagerly."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def build(model_name: str, wrap: str, compile_backend: Optional[str] = None) -> nn.Module:
     torch.manual_seed(0)
     model = mlp() if model_name == "mlp" else TinyGPT()
+    if compile_backend is not None:  # DDP's documented way: compile the wrapped model (graphs split at its buckets)
+        assert wrap == "ddp", "compiled configurations run under DDP only"
+        model = UserForward(model) if model_name == "mlp" else model
+        return torch.compile(nn.parallel.DistributedDataParallel(model), backend=compile_backend)
     if wrap == "ddp":
         return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = None
+    if wrap == "hsdp":
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    elif wrap == "fsdp2+tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        if model_name != "mlp":
+            raise SystemExit("fsdp2+tp is set up for the mlp only")
+        full = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        linears = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+        plan = {str(i): ColwiseParallel() if k % 2 == 0 else RowwiseParallel() for k, i in enumerate(linears[:-1])}
+        parallelize_module(model, full["tp"], plan)
+        mesh = full["dp"]
+    kwargs = {} if mesh is None else {"mesh": mesh}
     for m in (model if model_name == "mlp" else model.blocks):
         if any(p.requires_grad for p in m.parameters()):
-            fully_shard(m)
-    return fully_shard(model)
+            fully_shard(m, **kwargs)
+    return fully_shard(model, **kwargs)
 
 
 # ---- one configuration --------------------------------------------------------------------------
@@ -133,11 +186,11 @@ Sample = tuple[float, float, float, float]  # per step: wall s, CPU s (all ranks
 class Runner:
     """A model, optimizer and monitor for one configuration; `step()` is one training step."""
 
-    def __init__(self, config: str, model_name: str, wrap: str, tmp: str) -> None:
+    def __init__(self, config: str, model_name: str, wrap: str, tmp: str, compile_backend: str = "inductor") -> None:
         from gradwatch.agent import HealthAgent
 
         self.config, self.model_name = config, model_name
-        self.model = build(model_name, wrap)
+        self.model = build(model_name, wrap, compile_backend if config in COMPILED else None)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.agent = None
         self.wandb_run = None
@@ -158,9 +211,9 @@ class Runner:
 
         self.opt.step = timed_step  # what agent.step calls too
         common = dict(job="bench", metrics_port=None)
-        if config == "grad":
+        if config in ("grad", "compiled"):
             self.agent = HealthAgent(self.model, self.opt, activation_every=0, update_ratio_every=0, **common)
-        elif config == "grad+act/10":
+        elif config in ("grad+act/10", "compiled+act/10"):
             self.agent = HealthAgent(self.model, self.opt, activation_every=10, update_ratio_every=0, **common)
         elif config == "everything":
             self.agent = HealthAgent(self.model, self.opt, activation_every=1, update_ratio_every=1, **common)
@@ -242,7 +295,8 @@ def timed_block(runner: Runner, steps: int) -> Sample:
     sample = torch.tensor([time.perf_counter() - wall, time.process_time() - cpu, *runner.monitor_s], dtype=torch.float64)
     dist.all_reduce(sample)
     wall_s, cpu_s, monitor_wall_s, monitor_cpu_s = sample.tolist()
-    return wall_s / WORLD / steps, cpu_s / steps, monitor_wall_s / WORLD / steps, monitor_cpu_s / WORLD / steps
+    world = dist.get_world_size()
+    return wall_s / world / steps, cpu_s / steps, monitor_wall_s / world / steps, monitor_cpu_s / world / steps
 
 
 def counts(runner: Runner, steps: int = 20) -> tuple[float, float]:
@@ -306,9 +360,10 @@ def interleaved(configs: list[str], model_name: str, wrap: str, args: argparse.N
     for r in range(args.rounds):
         order = configs[r % len(configs):] + configs[:r % len(configs)]
         runners: dict[str, Runner] = {}
+        torch._dynamo.reset()  # the last round's compiled runners are closed: their cache entries would pile up
         for config in order:
             if config not in failed:
-                runner = _agreed(lambda: Runner(config, model_name, wrap, tmp), config, failed)
+                runner = _agreed(lambda: Runner(config, model_name, wrap, tmp, args.compile_backend), config, failed)
                 if runner and _agreed(lambda: [runner.step() for _ in range(args.warmup)], config, failed) is not None:
                     runners[config] = runner
         for _ in range(args.cycles):
@@ -365,7 +420,7 @@ def head_to_head(agent: list[Sample], peer: list[Sample]) -> dict:
 
 
 def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.world))
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -375,10 +430,12 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     for model_name in args.models:
         for wrap in args.wraps:
             failed: dict[str, str] = {}
-            if wrap == "fsdp2" and "peer-wandb" in args.configs:
+            if wrap != "ddp" and "peer-wandb" in args.configs:
                 # checked by hand: with wandb.watch on rank 0 the FSDP2 job makes no progress in
                 # 150 s (a hang), so it cannot be timed
                 failed["peer-wandb"] = "not run: wandb.watch hangs the FSDP2 job"
+            if wrap == "fsdp2":
+                failed.update({c: "not run: compiled configurations run under DDP only" for c in COMPILED if c in args.configs})
             # wandb's service is a separate process that keeps working after its own steps, so it is
             # timed against a baseline of its own rather than alongside the others.
             main = [c for c in args.configs if c != "peer-wandb"]
@@ -387,26 +444,32 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             for group in groups:
                 samples = interleaved(group, model_name, wrap, args, tmp, failed)
                 for config in group:
-                    if config in samples and "baseline" in samples and config not in measured:
-                        measured[config] = (samples[config], samples["baseline"])
+                    if config in samples and paired_with(config) in samples and config not in measured:
+                        measured[config] = (samples[config], samples[paired_with(config)])
             for config in args.configs:
-                row = dict(model=model_name, wrap=wrap, config=config)
+                row = dict(model=model_name, wrap=wrap, config=config, paired_with=paired_with(config))
                 if config not in measured:
-                    row["failed"] = failed.get(config) or failed.get("baseline", "no samples")
+                    row["failed"] = failed.get(config) or failed.get(paired_with(config), "no samples")
                 else:
-                    runner = Runner(config, model_name, wrap, tmp)
+                    torch._dynamo.reset()
+                    counters.clear()
+                    runner = Runner(config, model_name, wrap, tmp, args.compile_backend)
                     for _ in range(2):
                         runner.step()
                     reads, colls = counts(runner)
                     runner.close()
                     row.update(paired(*measured[config]), scalar_reads_per_step=reads, collectives_per_step=colls)
+                    if config in COMPILED:  # over those 22 steps: 2 of them activation-sampled steps
+                        row.update(graphs=counters["stats"]["unique_graphs"], recompiles=sum(counters["recompiles"].values()),
+                                   graph_breaks=sum(counters["graph_break"].values()))
                 results.append(row)
             for agent, peer in HEAD_TO_HEAD:
                 if agent in measured and peer in measured and agent in main and peer in main:
                     duel.append(dict(model=model_name, wrap=wrap, agent=agent, peer=peer,
                                      **head_to_head(measured[agent][0], measured[peer][0])))
-            base = next(r for r in results[-len(args.configs):] if r["config"] == "baseline")
-            for row in results[-len(args.configs):]:
+            rows = {r["config"]: r for r in results[-len(args.configs):]}
+            for row in rows.values():
+                base = rows[row["paired_with"]]
                 if "failed" not in row and "failed" not in base:
                     row["extra_collectives_per_step"] = row["collectives_per_step"] - base["collectives_per_step"]
     price = collective_price()
@@ -417,24 +480,30 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     dist.destroy_process_group()
 
 
-def machine() -> dict:
+def machine(world: int) -> dict:
     return dict(python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-                cores=os.cpu_count(), threads_per_rank=1, ranks=WORLD, backend="gloo")
+                cores=os.cpu_count(), threads_per_rank=1, ranks=world, backend="gloo")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["mlp", "gpt"], choices=["mlp", "gpt"])
-    p.add_argument("--wraps", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"])
+    p.add_argument("--wraps", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2", *TWO_D])
+    p.add_argument("--world", type=int, default=WORLD, help="ranks (4 for hsdp and fsdp2+tp)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     p.add_argument("--rounds", type=int, default=3, help="fresh runners, and a rotated order, each round")
     p.add_argument("--cycles", type=int, default=5, help="blocks per configuration per round")
     p.add_argument("--steps", type=int, default=10, help="steps per block (10 = one detail_every cycle)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled configurations")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if any(w in TWO_D for w in args.wraps) and args.world != 4:
+        p.error(f"{', '.join(TWO_D)} need --world 4 (a 2 x 2 mesh)")
     if "baseline" not in args.configs:
         args.configs.insert(0, "baseline")
+    if any(c in COMPILED for c in args.configs) and "compiled-baseline" not in args.configs:
+        args.configs.insert(1, "compiled-baseline")
     import socket
 
     with socket.socket() as s:
@@ -443,25 +512,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     started = time.time()
-    mp.spawn(worker, args=(port, args, out), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(port, args, out), nprocs=args.world, join=True)
     measured = json.load(open(out))
     results = measured["results"]
-    report = dict(machine=machine(), command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+    report = dict(machine=machine(args.world), command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+                  compile_backend=args.compile_backend,
                   seconds=round(time.time() - started), results=results, head_to_head=measured["head_to_head"],
                   collective=measured["collective"])
-    print(f"{'model':5} {'wrap':5} {'config':12} {'step ms':>8} {'ratio':>6} {'p25-p75':>12} {'+ms/step':>9} "
+    print(f"{'model':5} {'wrap':8} {'config':17} {'step ms':>8} {'ratio':>6} {'p25-p75':>12} {'+ms/step':>9} "
           f"{'cpu ratio':>9} {'monitor ms':>10} {'.item()/step':>12} {'extra colls/step':>16}")
     for r in results:
         if "failed" in r:
-            print(f"{r['model']:5} {r['wrap']:5} {r['config']:12} failed: {r['failed']}")
+            print(f"{r['model']:5} {r['wrap']:8} {r['config']:17} failed: {r['failed']}")
         else:
-            print(f"{r['model']:5} {r['wrap']:5} {r['config']:12} {1000 * r['median_step_s']:8.1f} {r['ratio']:6.3f} "
+            print(f"{r['model']:5} {r['wrap']:8} {r['config']:17} {1000 * r['median_step_s']:8.1f} {r['ratio']:6.3f} "
                   f"{r['ratio_p25']:6.3f}-{r['ratio_p75']:5.3f} {r['added_ms']:9.1f} {r['cpu_ratio']:9.3f} {r['monitor_ms']:10.2f} "
                   f"{r['scalar_reads_per_step']:12.1f} {r.get('extra_collectives_per_step', float('nan')):16.1f}")
+    for r in results:
+        if "graphs" in r:
+            print(f"{r['model']:5} {r['wrap']:8} {r['config']:17} compiled ({args.compile_backend}): {r['graphs']} graph(s), "
+                  f"{r['recompiles']} recompiles, {r['graph_breaks']} graph breaks over 22 steps")
     for d in report["head_to_head"]:
         cells = "  ".join(f"{name[:-3]} {d[name]['median']:+.2f} [{d[name]['low']:+.2f}, {d[name]['high']:+.2f}] {d[name]['verdict']}"
                           for name in ("wall_ms", "cpu_ms", "monitor_ms"))
-        print(f"{d['model']:5} {d['wrap']:5} {d['agent']} - {d['peer']}, ms/step, median [95% CI] over {d['blocks']} blocks: {cells}")
+        print(f"{d['model']:5} {d['wrap']:8} {d['agent']} - {d['peer']}, ms/step, median [95% CI] over {d['blocks']} blocks: {cells}")
     price = report["collective"]
     print(f"one async all-reduce of 64 doubles, overlapped with compute: +{price['cpu_ms']:.2f} ms CPU, "
           f"+{price['wall_ms']:.2f} ms wall on rank 0 (the agent makes 1 per combination of steps under DDP; the loop none)")

@@ -5,7 +5,7 @@ evaluation time for many jobs against a real Prometheus holding synthetic agent 
 
 1. Series: a real agent (one process) on MLPs of several depths, scraped through its exporter, and
    the exporter fed R-rank statistics for large R; each count is compared with
-   5L + 6A + 3R + G + 20 (docs/metrics.md).
+   5L + 6A + 7R + G + 25 (docs/metrics.md).
 2. Evaluation: `promtool tsdb create-blocks-from openmetrics` loads `--jobs` jobs x `--layers`
    layers of agent series (15 s apart, 12 minutes; every 10th job's early layers vanish, the next
    one's rank 1 goes non-finite) into a TSDB; a real Prometheus serves it. Each compiled rule's query
@@ -36,12 +36,13 @@ from torch import nn
 
 
 def formula(L: int, A: int, R: int, G: int) -> int:
-    return 5 * L + 6 * A + 3 * R + G + 20
+    return 5 * L + 6 * A + 7 * R + G + 25
 
 
 def series_counts() -> list[dict]:
     from gradwatch.agent import HealthAgent
     from gradwatch.agent.exporter import AgentState, StatsCollector
+    from gradwatch.agent.heartbeat import Beat
     from gradwatch.agent.stats import RankStats
 
     rows = []
@@ -66,6 +67,7 @@ def series_counts() -> list[dict]:
                 state.latest_activations, state.latest_update, state.eval_loss = agent.state.latest_activations, agent.state.latest_update, 1.0
                 state.latest_detail = agent.state.latest_detail  # max-abs and weight norms, from the last detail step
             stats.ranks = [RankStats(r, 1.0, False, 0, 0, 0.1) for r in range(R)]
+            state.heartbeats = {r: Beat(2, 0, 1.0, 1.0) for r in range(R)}
             state.record(stats)
             n = sum(1 for f in StatsCollector(state).collect() for _ in f.samples)
             rows.append(dict(layers=L, activation_modules=A, ranks=R, param_groups=G, series=n, formula=formula(L, A, R, G)))

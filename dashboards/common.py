@@ -14,6 +14,8 @@ from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
+from ..wire import metric_names as names
+
 # Every panel, target, variable and annotation names the `datasource` variable, never a fixed uid,
 # so one dashboard works against any Prometheus; it defaults to the one deploy/grafana provisions.
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -46,7 +48,7 @@ def _query_variable(name: str, label: str, query: str, multi: bool, sort: dm.Var
 
 def job_variable() -> db.QueryVariable:
     """Jobs that ever reported a step: every agent exports gradwatch_step."""
-    return _query_variable("job", "Job", "label_values(gradwatch_step, job)", False, dm.VariableSort.ALPHABETICAL_ASC)
+    return _query_variable("job", "Job", f"label_values({names.STEP}, job)", False, dm.VariableSort.ALPHABETICAL_ASC)
 
 
 def layer_variable(metric: str) -> db.QueryVariable:
@@ -55,7 +57,7 @@ def layer_variable(metric: str) -> db.QueryVariable:
 
 
 def rank_variable() -> db.QueryVariable:
-    return _query_variable("rank", "Rank", f"label_values(gradwatch_rank_loss{{{JOB}}}, rank)", True, dm.VariableSort.NUMERICAL_ASC)
+    return _query_variable("rank", "Rank", f"label_values({names.RANK_LOSS}{{{JOB}}}, rank)", True, dm.VariableSort.NUMERICAL_ASC)
 
 
 def query(expr: str, legend: str = "", table: bool = False) -> prometheus.Dataquery:

@@ -6,6 +6,7 @@ from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import heatmap
 from grafana_foundation_sdk.models import heatmap as hm
 
+from ..wire import metric_names as names
 from .common import JOB, LAYER, dashboard, job_variable, latest, layer_variable, panel, query, series, thresholds
 
 UID = "gradwatch-layers"
@@ -28,7 +29,7 @@ def natural_order(expr: str) -> str:
 
 
 def build() -> db.Dashboard:
-    grad = f"gradwatch_layer_grad_norm{{{JOB}, {LAYER}}}"
+    grad = f"{names.LAYER_GRAD_NORM}{{{JOB}, {LAYER}}}"
     # One row per layer in network order, the first at the top, coloured by norm; exponential colour
     # so a 1e3x spike does not hide the rest.
     grad_heatmap = (
@@ -45,20 +46,20 @@ def build() -> db.Dashboard:
         series("Gradient norm", "Per layer, log scale.", "short", [query(grad, "{{layer}}")], log=True),
         latest("Vanishing layers: gradient norm / largest layer's", "Red below 1%: the vanishing-gradient rule's "
                "relative test (a healthy deep net keeps every layer within a few decades).", "percentunit",
-               [query(f"{grad} / on (job) group_left () max by (job) (gradwatch_layer_grad_norm{{{JOB}}})", "{{layer}}")],
+               [query(f"{grad} / on (job) group_left () max by (job) ({names.LAYER_GRAD_NORM}{{{JOB}}})", "{{layer}}")],
                limits=thresholds("red", (0.01, "green"))),
         series("Weight norm", "L2 norm of each layer's weights entering the step.", "short",
-               [query(f"gradwatch_layer_weight_norm{{{JOB}, {LAYER}}}", "{{layer}}")]),
+               [query(f"{names.LAYER_WEIGHT_NORM}{{{JOB}, {LAYER}}}", "{{layer}}")]),
         series("Update ratio ‖Δw‖/‖w‖", "Relative size of the latest sampled update; around 1e-3 is typical, "
                "far below means the layer is frozen, far above that it is thrashing.", "percentunit",
-               [query(f"gradwatch_layer_update_ratio{{{JOB}, {LAYER}}}", "{{layer}}")], log=True),
+               [query(f"{names.LAYER_UPDATE_RATIO}{{{JOB}, {LAYER}}}", "{{layer}}")], log=True),
         series("Early/late gradient-norm ratio", "Norm of the first quarter of layers over the last quarter's; "
                "below 0.01 the early layers are not learning.", "short",
-               [query(f"gradwatch_grad_norm_early_late_ratio{{{JOB}}}", "early / late")], log=True),
+               [query(f"{names.GRAD_NORM_EARLY_LATE_RATIO}{{{JOB}}}", "early / late")], log=True),
         series("Largest |gradient| element", "+Inf when the layer's gradient holds a NaN/inf.", "short",
-               [query(f"gradwatch_layer_grad_max_abs{{{JOB}, {LAYER}}}", "{{layer}}")], log=True),
+               [query(f"{names.LAYER_GRAD_MAX_ABS}{{{JOB}, {LAYER}}}", "{{layer}}")], log=True),
         series("Non-finite gradients", "1 while the layer's gradient holds NaN/inf.", "none",
-               [query(f"gradwatch_layer_grad_nonfinite{{{JOB}, {LAYER}}}", "{{layer}}")], w=24, h=6, bars=True),
+               [query(f"{names.LAYER_GRAD_NONFINITE}{{{JOB}, {LAYER}}}", "{{layer}}")], w=24, h=6, bars=True),
     ]
     return dashboard(UID, "gradwatch / Layers", "Per-layer gradient norms, weight norms and update ratios.",
-                     [job_variable(), layer_variable("gradwatch_layer_grad_norm")], panels)
+                     [job_variable(), layer_variable(names.LAYER_GRAD_NORM)], panels)

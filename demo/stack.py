@@ -124,7 +124,7 @@ def alertmanager_config(pager_url: str) -> dict:
 
 def _aggregator(children: Children, workdir: Path, rules: Path, port: int, token: str, source: list[str]) -> None:
     children.start("aggregator", [
-        sys.executable, "-m", "gradwatch.aggregator.cli", "aggregator", "--rules", str(rules), *source,
+        sys.executable, "-m", "gradwatch.cli", "aggregator", "--rules", str(rules), *source,
         "--state", str(workdir / "aggregator.sqlite"), "--port", str(port),
         "--eval-interval", "1s", "--resend-interval", "5s", "--max-backoff", "2s",
     ], workdir / "aggregator.log", env={"GRADWATCH_AGGREGATOR_TOKEN": token}).wait_ready(f"http://127.0.0.1:{port}/healthz")

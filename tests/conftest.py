@@ -23,7 +23,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, world_size: int, out_dir: Path, timeout: float = 180, ok_codes: tuple = (0,), **params: Any) -> list[dict]:
+def start_ranks(scenario: str, world_size: int, out_dir: Path, **params: Any) -> list[tuple[subprocess.Popen, Any]]:
+    """One process per rank, env:// rendezvous on a free port; each rank's output in rank<N>.log."""
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
@@ -37,6 +38,11 @@ def launch(scenario: str, world_size: int, out_dir: Path, timeout: float = 180, 
         log = (out_dir / f"rank{rank}.log").open("w")
         cmd = [sys.executable, str(WORKER), scenario, str(out_dir), json.dumps(params)]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def launch(scenario: str, world_size: int, out_dir: Path, timeout: float = 180, ok_codes: tuple = (0,), **params: Any) -> list[dict]:
+    procs = start_ranks(scenario, world_size, out_dir, **params)
     failed = []
     for rank, (proc, log) in enumerate(procs):
         try:

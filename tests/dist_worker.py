@@ -22,23 +22,49 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gradwatch.agent import HealthAgent
 import time
 
-from training_fixtures import mixed_mlp, regression_data, seed003_model, sigmoid_stack
+from training_fixtures import dead_and_saturated, mixed_mlp, regression_data, seed003_model, sigmoid_stack
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
 
 
 def wrap(model: nn.Module, how: str, **ddp_kwargs) -> nn.Module:
+    """`mixed_mlp` laid out as users run it: DDP; FSDP2 on the world ("fsdp2") or on a 2-D mesh,
+    replicate x shard ("hsdp"); tensor parallel, Linear 3 column-wise and 5 row-wise, on 2 ranks, with
+    the world's other dimension holding identical copies ("tp"); and that under FSDP2 ("fsdp2_tp")."""
     if how == "ddp":
         return DDP(model, **ddp_kwargs)
-    if how == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
 
+    def shard(mesh=None) -> nn.Module:
         for layer in model:
             if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        return fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    if how == "fsdp2":
+        return shard()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if how == "hsdp":
+        return shard(init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("replicate", "shard")))
+    if how in ("tp", "fsdp2_tp"):
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (WORLD // 2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], {"3": ColwiseParallel(), "5": RowwiseParallel()})
+        return shard(mesh["dp"]) if how == "fsdp2_tp" else model
     raise ValueError(how)
+
+
+def data_part(how: str) -> tuple[int, int]:
+    """(which part of the global batch this rank trains on, how many parts): tensor-parallel ranks
+    share theirs, and without a data-parallel wrapper ("tp") every rank takes the whole batch."""
+    if how == "tp":
+        return 0, 1
+    if how == "fsdp2_tp":
+        return RANK // 2, WORLD // 2
+    return RANK, WORLD
 
 
 def global_batch(step: int, batch: int = 8, features: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +72,10 @@ def global_batch(step: int, batch: int = 8, features: int = 12) -> tuple[torch.T
     return torch.randn(WORLD * batch, features, generator=g), torch.randn(WORLD * batch, 4, generator=g)
 
 
-def local_slice(t: torch.Tensor) -> torch.Tensor:
-    per = t.shape[0] // WORLD
-    return t[RANK * per : (RANK + 1) * per]
+def local_slice(t: torch.Tensor, part: tuple[int, int] = (RANK, WORLD)) -> torch.Tensor:
+    index, parts = part
+    per = t.shape[0] // parts
+    return t[index * per : (index + 1) * per]
 
 
 def layer_norms(model: nn.Module, attr: str) -> list[float]:
@@ -90,11 +117,12 @@ def reference(p: dict) -> dict:
     ref = copy.deepcopy(model)
     accumulate = p.get("accumulate", 1)
     wrapped = wrap(model, p["wrap"])
+    part = data_part(p["wrap"])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     groups_before = len(dist.distributed_c10d._world.pg_map)
     agent = HealthAgent(wrapped, opt, job="ref", metrics_port=None, activation_every=2, update_ratio_every=2,
-                        detail_every=p.get("detail_every", 1), **combining(p))
+                        detail_every=p.get("detail_every", 1), mode=p.get("mode", "observe"), **combining(p))
     published = published_stats(agent)
     refs = []
     for step in range(p.get("steps", 4)):
@@ -102,7 +130,7 @@ def reference(p: dict) -> dict:
         losses = []
         for micro in range(accumulate):
             x, y = global_batch(step * 10 + micro)
-            loss = nn.functional.mse_loss(wrapped(local_slice(x)), local_slice(y)) / accumulate
+            loss = nn.functional.mse_loss(wrapped(local_slice(x, part)), local_slice(y, part)) / accumulate
             loss.backward()
             losses.append(loss.detach())
             (nn.functional.mse_loss(ref(x), y) / accumulate).backward()
@@ -222,7 +250,8 @@ def prometheus(p: dict) -> dict:
     torch.manual_seed(0)
     model = wrap(mixed_mlp(), p.get("wrap", "ddp"))
     opt = torch.optim.SGD([{"params": list(model.parameters())[:4]}, {"params": list(model.parameters())[4:], "lr": 0.05}], lr=0.01)
-    agent = HealthAgent(model, opt, job="prom-test", metrics_port=0, metrics_addr="127.0.0.1", activation_every=2, update_ratio_every=1, **combining(p))
+    agent = HealthAgent(model, opt, job="prom-test", metrics_port=0, metrics_addr="127.0.0.1", activation_every=2, update_ratio_every=1,
+                        heartbeat_s=0.1, **combining(p))
     scrapes = []
     for step in range(6):
         x, y = global_batch(step)
@@ -233,6 +262,8 @@ def prometheus(p: dict) -> dict:
         if step == 4:
             agent.observe_eval(1.5)
         if RANK == 0 and step in (3, 5):
+            if step == 5:
+                time.sleep(0.5)  # a few heartbeats: every rank's progress after its last step
             scrapes.append(urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10).read().decode())
     result = dict(scrapes=scrapes, layers=len(agent.layers),
                   activation_modules=0 if agent._acts is None else agent._acts.num_modules,
@@ -329,9 +360,192 @@ def replicated_fault(p: dict) -> dict:
         st = agent.last_stats
         seen.append(dict(bad_layers=[name for name, bad in zip(st.layers, st.layer_grad_nonfinite) if bad],
                          rows=[r.nonfinite_layers for r in st.ranks], norms=st.layer_grad_norm))
-    measured = [i for i, q in enumerate(agent._grads.plan.params) if any(q is m for m in agent._grads._params)]
+    measured = list(agent.layout.measured)
     agent.close()
-    return dict(steps=seen, measured=measured, split=agent._grads.split)
+    return dict(steps=seen, measured=measured, split=len(measured) < len(params))
+
+
+def _reference_step(ref: nn.Module, ref_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """One step of the single-process model on the whole global batch: the figures the agent must equal."""
+    before = [w.detach().clone() for w in ref.parameters()]
+    loss = nn.functional.mse_loss(ref(x), y)
+    loss.backward()
+    grad = layer_norms(ref, "grad")
+    out = dict(ref_grad=grad, ref_global=math.sqrt(sum(g * g for g in grad)),
+               ref_max=[float(w.grad.abs().max()) for w in ref.parameters()],
+               ref_weight=[float(b.norm()) for b in before], ref_loss=float(loss.detach()))
+    ref_opt.step()
+    ref_opt.zero_grad()
+    return out
+
+
+def _published_steps(published: list, refs: list) -> list:
+    return [dict(step=st.step, agent_grad=st.layer_grad_norm, agent_global=st.grad_norm, agent_max=st.layer_grad_max_abs,
+                 agent_weight=st.layer_weight_norm, loss_mean=st.loss_mean, **refs[st.step]) for st in published]
+
+
+def _origin(agent: HealthAgent):
+    o = agent.nan_origin
+    return None if o is None else dict(step=o.step, kind=o.kind, layer=o.layer, ranks=list(o.ranks))
+
+
+def pipeline(p: dict) -> dict:
+    """Two pipeline stages x two data-parallel copies on 4 ranks, split by hand: ranks 0 and 1 hold modules
+    0-3 of `mixed_mlp`, ranks 2 and 3 modules 4-7 (the others Identity, so parameters keep the full model's
+    names, as torch.distributed.pipelining's stages do); DDP within each stage; rank r sends its activations
+    to rank r + 2 and receives their gradient back. Only the last stage has a loss. At step `nan_step` the
+    same gradient of layer 5 turns NaN on both last-stage copies."""
+    torch.manual_seed(0)
+    full = mixed_mlp()
+    ref = copy.deepcopy(full)
+    stage, replica, cut = RANK // 2, RANK % 2, 4
+    model = nn.Sequential(*[m if (i < cut) == (stage == 0) else nn.Identity() for i, m in enumerate(full)])
+    stage_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    wrapped = DDP(model, process_group=stage_groups[stage])
+    peer = RANK + 2 if stage == 0 else RANK - 2
+    opt = torch.optim.SGD(wrapped.parameters(), lr=1e-2)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-2)
+    agent = HealthAgent(wrapped, opt, job="pp", metrics_port=None, detail_every=1, mode=p.get("mode", "observe"),
+                        activation_every=p.get("activation_every", 0), **combining(p))
+    published = published_stats(agent)
+    refs = []
+    for step in range(p.get("steps", 4)):
+        x, y = global_batch(step)
+        x, y = local_slice(x, (replica, 2)), local_slice(y, (replica, 2))
+        loss = None
+        if stage == 0:
+            h = wrapped(x)
+            dist.send(h.detach().contiguous(), peer)
+            grad = torch.empty_like(h)
+            dist.recv(grad, peer)
+            h.backward(grad)
+        else:
+            h = torch.empty(x.shape[0], 32)
+            dist.recv(h, peer)
+            h.requires_grad_()
+            loss = nn.functional.mse_loss(wrapped(h), y)
+            loss.backward()
+            dist.send(h.grad.contiguous(), peer)
+            if step == p.get("nan_step"):
+                model[5].weight.grad.view(-1)[0] = float("nan")
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+        refs.append(_reference_step(ref, ref_opt, *global_batch(step)))
+    agent.close()
+    return dict(steps=_published_steps(published, refs), layers=list(agent.layers), ref_layers=[n for n, _ in ref.named_parameters()],
+                measured=[agent.layout.layers[agent.layout.layer_of_param[i]] for i in agent.layout.measured],
+                origin=_origin(agent), collectives=agent.counters.collectives, syncs=agent.counters.host_syncs,
+                modules=list(agent._acts.names) if agent._acts is not None else None,
+                activations=[dict(step=st.step, **{k: list(v) for k, v in vars(st.activations).items() if isinstance(v, (list, tuple))})
+                             for st in published if st.activations is not None])
+
+
+class _ToExperts(torch.autograd.Function):
+    """Into the expert-parallel region: identity forward; backward sums the gradient over the ranks, each
+    of which saw only its own experts' share of it (Megatron's copy-to-region)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g)
+        return g
+
+
+class _FromExperts(torch.autograd.Function):
+    """Out of it: the experts' outputs summed over the ranks forward; backward identity (every rank holds
+    the same upstream gradient)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class MoE(nn.Module):
+    """Top-1 mixture of `experts` experts, `local` of them (global indices) held here. `grouped`: one
+    (experts, d, d) tensor, the last dimension sharded over an expert-parallel mesh as a DTensor
+    (torchtitan's layout); else one module per expert, `experts.<e>`, only the local ones present."""
+
+    def __init__(self, experts: int, local: list[int], grouped: bool, d: int = 16) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.inp, self.router, self.out = nn.Linear(12, d), nn.Linear(d, experts), nn.Linear(d, 4)
+        full = torch.randn(experts, d, d, generator=g) / d ** 0.5
+        self.experts_total, self.local, self.grouped = experts, local, grouped
+        if grouped:
+            self.w = nn.Parameter(full)
+        else:
+            self.experts = nn.ModuleDict({str(e): nn.Linear(d, d, bias=False) for e in local})
+            with torch.no_grad():
+                for e in local:
+                    self.experts[str(e)].weight.copy_(full[e].T)
+
+    def expert_weights(self) -> dict:
+        if self.grouped:
+            w = self.w.to_local() if hasattr(self.w, "to_local") else self.w
+            return dict(zip(self.local, w))
+        return {e: self.experts[str(e)].weight.T for e in self.local}
+
+    def forward(self, x: torch.Tensor, parallel: bool) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        probs = torch.softmax(self.router(h), dim=-1)
+        gate, choice = probs.max(dim=-1)
+        if parallel:
+            h, gate = _ToExperts.apply(h), _ToExperts.apply(gate)
+        mixed = torch.zeros_like(h)
+        for e, w in self.expert_weights().items():
+            mask = (choice == e).unsqueeze(-1)
+            mixed = mixed + torch.where(mask, (h @ w) * gate.unsqueeze(-1), 0.0)
+        if parallel:
+            mixed = _FromExperts.apply(mixed)
+        return self.out(mixed)
+
+
+def experts(p: dict) -> dict:
+    """Expert parallel on 4 ranks: 8 experts, 2 per rank, every rank routing the whole batch (the dense layers
+    are identical copies). `grouped`: one expert tensor, a DTensor sharded over the world's mesh; else each
+    expert its own module, named by its global index, present on its rank only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    n, grouped = 2 * WORLD, p["grouped"]
+    local = [RANK * 2, RANK * 2 + 1]
+    model = MoE(n, local, grouped)
+    ref = MoE(n, list(range(n)), grouped=False)
+    # the same experts (MoE seeds them itself), and the same dense layers
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("inp", "router", "out")}, strict=False)
+    if grouped:
+        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",))
+        model.w = nn.Parameter(distribute_tensor(model.w.detach(), mesh, [Shard(0)]))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-2)
+    agent = HealthAgent(model, opt, job="ep", metrics_port=None, detail_every=1, mode=p.get("mode", "observe"), activation_every=0)
+    published = published_stats(agent)
+    grads = []
+    for step in range(3):
+        x, y = global_batch(step)
+        nn.functional.mse_loss(model(x, parallel=True), y).backward()
+        agent.step(opt)
+        opt.zero_grad()
+        ref_loss = nn.functional.mse_loss(ref(x, parallel=False), y)
+        ref_loss.backward()
+        by_name = {n_: float(q.grad.norm()) for n_, q in ref.named_parameters()}
+        grads.append(dict(ref_by_name=by_name, ref_global=math.sqrt(sum(g * g for g in by_name.values()))))
+        ref_opt.step()
+        ref_opt.zero_grad()
+    agent.close()
+    return dict(layers=list(agent.layers), steps=[dict(step=st.step, agent=dict(zip(st.layers, st.layer_grad_norm)),
+                                                       agent_global=st.grad_norm, **grads[st.step]) for st in published])
 
 
 def lone_close(p: dict) -> dict:
@@ -392,6 +606,85 @@ def activations(p: dict) -> dict:
     return dict(modules=list(acts.modules), dead=acts.dead_ratio, saturated=acts.saturated_ratio, mean=acts.mean)
 
 
+_ACTIVATION_FIELDS = ("mean", "std", "max_abs", "nonfinite", "saturated_ratio", "dead_ratio")
+
+
+def activation_reference(model: nn.Module, x: torch.Tensor) -> dict[str, dict]:
+    """Every hooked module's activation statistics over the whole batch `x`, computed directly."""
+    from gradwatch.agent.activations import eligible
+
+    found: dict[str, dict] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+            y, z = out.detach().double(), inputs[0].detach()
+            unit_dim = 1 if y.ndim >= 4 else y.ndim - 1
+            alive = y.movedim(unit_dim, -1).reshape(-1, y.shape[unit_dim]).ne(0).any(0)
+            saturated = ((z.abs() > 9.4999) if isinstance(module, nn.Tanh) else
+                         ((z < -23.0) | (z > 16.99999)) if isinstance(module, nn.Sigmoid) else torch.zeros_like(z, dtype=torch.bool))
+            found[name] = dict(mean=float(y.mean()), std=float(y.std(unbiased=False)), max_abs=float(y.abs().max()),
+                               saturated_ratio=float(saturated.double().mean()), dead_ratio=float((~alive).double().mean()))
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in eligible(model)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return found
+
+
+class _UserNet(nn.Module):
+    """A forward of the user's own: Dynamo compiles it as a frame (torch.nn's own frames, reached from DDP's
+    forward, which Dynamo does not trace, it skips)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = dead_and_saturated()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def compiled(p: dict) -> dict:
+    """A compiled DDP model, `torch.compile(DDP(model))` ("compile_ddp") or `DDP(torch.compile(model))`
+    ("ddp_compiled"), with activation statistics every 10 steps: the frames and graphs Dynamo compiled
+    (`error_on_recompile` makes a recompile raise), and each sampled step's statistics with those of a
+    single-process model on the whole global batch (trained alongside)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.config.error_on_recompile = True
+    torch.manual_seed(0)
+    model = _UserNet()
+    ref = copy.deepcopy(model)
+    backend = p.get("backend", "aot_eager")
+    net = torch.compile(DDP(model), backend=backend) if p["order"] == "compile_ddp" else DDP(torch.compile(model, backend=backend))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-2)
+    agent = HealthAgent(net, opt, job="compiled", metrics_port=None, activation_every=10, **combining(p))
+    published = published_stats(agent)
+    refs = {}
+    for step in range(p.get("steps", 21)):
+        x, y = global_batch(step)
+        loss = nn.functional.mse_loss(net(local_slice(x)), local_slice(y))
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+        if step % 10 == 0:
+            refs[step] = activation_reference(ref, x)
+        nn.functional.mse_loss(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    agent.close()
+    sampled = [st for st in published if st.activations is not None]
+    return dict(frames=dict(counters["frames"]), graphs=counters["stats"]["unique_graphs"],
+                recompiles=sum(counters["recompiles"].values()), errors=dict(agent.state.errors_total),
+                traced=agent._acts is not None and agent._acts.traced, modules=list(sampled[0].activations.modules) if sampled else [],
+                steps=[dict(step=st.step, ref=refs[st.step], **{k: getattr(st.activations, k) for k in _ACTIVATION_FIELDS})
+                       for st in sampled])
+
+
 def alerting(p: dict) -> dict:
     """A paced training job for the end-to-end alerting test: rank 0 serves metrics on a fixed port
     for a real Prometheus. kind: healthy | nan | exploding | vanishing. Returns when the fault began."""
@@ -439,6 +732,36 @@ def alerting(p: dict) -> dict:
     agent.close()
     return dict(fault_time=fault_time, origin=None if agent.nan_origin is None else agent.nan_origin.layer,
                 losses=losses, lrs=lrs)
+
+
+def stall(p: dict) -> dict:
+    """A paced DDP job whose rank `stall_rank` stops for good before the forward of `stall_step`
+    (a dead data loader, a hung GPU): the other rank then waits in the gradient all-reduce. It writes
+    stall_time first. Without stall_step: a healthy run of `steps` steps."""
+    torch.manual_seed(0)
+    model = wrap(mixed_mlp(), "ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    agent = HealthAgent(model, opt, job=p["job"], metrics_port=p["port"] if RANK == 0 else None, metrics_addr="127.0.0.1",
+                        heartbeat_s=p.get("heartbeat_s", 0.5), aggregator_url=p.get("url"), aggregator_token=p.get("token"),
+                        command_poll_s=0.5)
+    for step in range(p["steps"]):
+        started = time.time()
+        if step == p.get("stall_step") and RANK == p["stall_rank"]:
+            Path(p["out"], "stall_time").write_text(repr(time.time()))
+            stuck_before_the_forward()
+        x, y = global_batch(step)
+        loss = nn.functional.mse_loss(model(local_slice(x)), local_slice(y))
+        loss.backward()
+        agent.step(opt, loss=loss)
+        opt.zero_grad()
+        time.sleep(max(0.0, p["seconds_per_step"] - (time.time() - started)))
+    time.sleep(p.get("linger", 0))
+    agent.close()
+    return dict(steps=p["steps"])
+
+
+def stuck_before_the_forward() -> None:
+    time.sleep(3600)  # the stack dump must name this function
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -526,7 +849,7 @@ def commands(p: dict) -> dict:
     return dict(history=history, final=_digest(model.parameters()), step_seconds=step_seconds)
 
 
-SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, acts_fail_then_nan, prometheus, failopen, frozen_unused, replicated_fault, lone_close, activations, alerting, guard, commands)}
+SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, acts_fail_then_nan, prometheus, failopen, frozen_unused, replicated_fault, lone_close, activations, compiled, alerting, guard, commands, pipeline, experts, stall)}
 
 
 def main() -> None:

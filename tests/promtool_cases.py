@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import pytest
 import yaml
@@ -29,9 +29,14 @@ def series_text(name: str, labels: dict[str, str]) -> str:
     return f"{name}{{{inner}}}"
 
 
-def value_text(v: Optional[float]) -> str:
+STALE = "stale"  # a staleness marker: what Prometheus writes when a scrape fails or a target goes
+
+
+def value_text(v: Union[None, float, str]) -> str:
     if v is None:
         return "_"
+    if v == STALE:
+        return STALE
     if math.isnan(v):
         return "NaN"
     if math.isinf(v):
@@ -43,7 +48,7 @@ def value_text(v: Optional[float]) -> str:
 class Series:
     name: str
     labels: dict[str, str]
-    values: list[Optional[float]]  # one per interval from t=0; None: no sample
+    values: list[Union[None, float, str]]  # one per interval from t=0; None: no sample; STALE: a staleness marker
 
 
 @dataclass
@@ -84,7 +89,8 @@ def in_process_alerts(ruleset: RuleSet, series: list[Series], interval_s: int, s
     out = []
     for i in range(steps):
         now = i * interval_s
-        engine.add([(s.name, s.labels, s.values[i]) for s in series if i < len(s.values) and s.values[i] is not None], now)
+        # the in-process store has no staleness markers: one is no sample here
+        engine.add([(s.name, s.labels, s.values[i]) for s in series if i < len(s.values) and s.values[i] not in (None, STALE)], now)
         engine.evaluate(now)
         assert not engine.errors, engine.errors
         for rule in engine.rules:

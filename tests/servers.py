@@ -128,7 +128,7 @@ def alertmanager(tmp: Path, webhook_url: str, port: Optional[int] = None) -> Pro
 def aggregator(tmp: Path, prometheus_url: str, alertmanager_url: str, rules: Optional[Path], state: Path, port: Optional[int] = None,
                token: Optional[str] = None) -> Process:
     port = port or free_port()
-    cmd = [sys.executable, "-m", "gradwatch.aggregator.cli", "aggregator", "--prometheus-url", prometheus_url,
+    cmd = [sys.executable, "-m", "gradwatch.cli", "aggregator", "--prometheus-url", prometheus_url,
            "--alertmanager-url", alertmanager_url, "--state", str(state), "--port", str(port),
            "--eval-interval", "1s", "--resend-interval", "5s", "--max-backoff", "2s"]
     if rules is not None:

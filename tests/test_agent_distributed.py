@@ -50,6 +50,81 @@ def test_norms_equal_single_process_reference(run_ranks, wrap, world_size):
     assert built == before + 1 and closed == before  # the close-time group is the agent's, and close() frees it
 
 
+@pytest.mark.parametrize("layout, mode", [("hsdp", "observe"), ("tp", "observe"), ("fsdp2_tp", "observe"),
+                                          ("hsdp", "guard"), ("fsdp2_tp", "guard")])
+def test_multi_dimensional_layouts_equal_the_single_process_reference(run_ranks, layout, mode):
+    """4 ranks: HSDP (replicate 2 x shard 2), tensor parallel on 2 with 2 identical copies, FSDP2 on 2 x TP on 2.
+    Each piece of each tensor counted once (mode observe: measured by one holder; guard: every copy, weighed).
+    Without it HSDP and the replicated row-parallel bias read sqrt(2) too large."""
+    results = run_ranks("reference", 4, wrap=layout, mode=mode, steps=4, **({"combine": 2} if mode == "observe" else {}))
+    r0 = results[0]
+    assert r0["sharding"] == ("dtensor" if layout == "tp" else "fsdp2")
+    assert [s["step"] for s in r0["steps"]] == [0, 1, 2, 3]
+    for step in r0["steps"]:
+        assert_close(step["agent_grad"], step["ref_grad"], f"{layout} step {step['step']} layer grad norm")
+        assert_close(step["agent_max"], step["ref_max"], f"{layout} step {step['step']} layer grad max-abs")
+        assert_close(step["agent_weight"], step["ref_weight"], f"{layout} step {step['step']} weight norm")
+        assert step["agent_global"] == pytest.approx(step["ref_global"], rel=REL)
+    by_step = {s["step"]: s for s in r0["steps"]}
+    assert_close(by_step[1]["agent_update"], by_step[0]["ref_update"], f"{layout} update ratio of step 0")
+    for other in results[1:]:
+        assert [s["agent_grad"] for s in other["steps"]] == [s["agent_grad"] for s in r0["steps"]]
+    # one SUM and, with detail_every=1 and the pieces of a layer on several ranks, one MAX per read; one sync each
+    reads = 3 if mode == "observe" else 4  # observe: {0}, {1, 2}, then 3 at close()
+    assert r0["syncs"] == reads
+    assert r0["collectives"] == 2 * reads + (1 if mode == "observe" else 0)  # close() checks the pending steps match
+
+
+@pytest.mark.parametrize("mode", ["observe", "guard"])
+def test_pipeline_stages_report_one_job_wide_plan(run_ranks, mode):
+    """2 stages x 2 copies on 4 ranks: each stage's layers named once in one plan every rank holds, norms over
+    all stages equal to the single-process model's, the loss from the last stage only, and a NaN in a last-stage
+    gradient named by that stage's ranks. Same collectives on every rank (a mismatch would hang or raise)."""
+    results = run_ranks("pipeline", 4, mode=mode, steps=4, nan_step=3)
+    r0 = results[0]
+    assert r0["layers"] == r0["ref_layers"]  # stage 0's parameters, then stage 1's: the whole model, once
+    for step in r0["steps"][:3]:
+        assert_close(step["agent_grad"], step["ref_grad"], f"pp step {step['step']} layer grad norm")
+        assert_close(step["agent_max"], step["ref_max"], f"pp step {step['step']} layer grad max-abs")
+        assert_close(step["agent_weight"], step["ref_weight"], f"pp step {step['step']} weight norm")
+        assert step["agent_global"] == pytest.approx(step["ref_global"], rel=REL)
+        assert step["loss_mean"] == pytest.approx(step["ref_loss"], rel=REL)  # the two last-stage halves
+    for r in results:
+        assert r["layers"] == r0["layers"] and [s["agent_grad"] for s in r["steps"]] == [s["agent_grad"] for s in r0["steps"]]
+        assert r["origin"] == {"step": 3, "kind": "gradient", "layer": "5.weight", "ranks": [2, 3]}
+        assert r["collectives"] == r0["collectives"] and r["syncs"] == r0["syncs"]
+    stage_layers = [set(r["measured"]) for r in results]
+    if mode == "observe":  # every layer measured by exactly one rank of its stage
+        assert sum(len(m) for m in stage_layers) == len(r0["layers"])
+        assert set().union(*stage_layers[:2]) == {n for n in r0["layers"] if int(n.split(".")[0]) < 4}
+    else:  # every copy measures its stage's layers
+        assert stage_layers[0] == stage_layers[1] and stage_layers[2] == stage_layers[3]
+        assert stage_layers[0] | stage_layers[2] == set(r0["layers"]) and not stage_layers[0] & stage_layers[2]
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["dtensor-experts", "named-experts"])
+def test_expert_parallel_reports_each_expert_once(run_ranks, grouped):
+    """8 experts over 4 ranks: one sharded expert tensor (its norm over every rank's experts) or one module per
+    expert, each present on its own rank only and reported once; the global norm is the single-process one."""
+    results = run_ranks("experts", 4, grouped=grouped)
+    r0 = results[0]
+    experts = [f"experts.{e}.weight" for e in range(8)]
+    if grouped:
+        assert [n for n in r0["layers"] if n.startswith(("w", "experts"))] == ["w"]
+    else:
+        assert sorted(n for n in r0["layers"] if n.startswith("experts")) == sorted(experts)
+    for step in r0["steps"]:
+        ref = dict(step["ref_by_name"])
+        if grouped:
+            ref["w"] = math.sqrt(sum(ref.pop(name) ** 2 for name in experts))
+        assert set(step["agent"]) == set(ref)
+        for name, value in step["agent"].items():
+            assert value == pytest.approx(ref[name], rel=REL), f"step {step['step']} {name}"
+        assert step["agent_global"] == pytest.approx(step["ref_global"], rel=REL)
+    for r in results[1:]:
+        assert r["steps"] == r0["steps"]
+
+
 def test_a_lone_close_neither_hangs_nor_pairs_with_a_training_collective(run_ranks):
     r0, r1 = run_ranks("lone_close", 2, timeout_s=3)
     assert r0["user_sum"] == r1["user_sum"] == 3.0  # the user's all-reduce met its own kind
@@ -127,8 +202,12 @@ def test_prometheus_endpoint_serves_documented_series(run_ranks):
         for s in family.samples:
             samples.setdefault(s.name, []).append(s)
     L, A, R, G = r0["layers"], r0["activation_modules"], 2, r0["param_groups"]
-    # the documented formula (docs/metrics.md): 5L + 6A + 3R + G + 20, no NaN seen
-    assert sum(len(v) for v in samples.values()) == 5 * L + 6 * A + 3 * R + G + 20
+    # the documented formula (docs/metrics.md): 5L + 6A + 7R + G + 25, no NaN seen
+    assert sum(len(v) for v in samples.values()) == 5 * L + 6 * A + 7 * R + G + 25
+    assert samples["gradwatch_training_finished"][0].value == 0
+    assert {s.labels["rank"]: s.value for s in samples["gradwatch_rank_last_step"]} == {"0": 5, "1": 5}
+    assert all(s.value == 0 for s in samples["gradwatch_rank_phase"])  # between steps
+    assert all(s.value > 0 for s in samples["gradwatch_rank_heartbeat_timestamp_seconds"])
     assert samples["gradwatch_skipped_steps_total"][0].value == 0
     for name in ("gradwatch_layer_grad_norm", "gradwatch_layer_weight_norm", "gradwatch_layer_update_ratio"):
         assert len(samples[name]) == L
@@ -191,3 +270,28 @@ def test_dead_units_and_saturation_over_the_global_batch(run_ranks):
     tanh = by_module["3"]
     # tanh inputs are 30*relu(x): rank 0 has 4 saturating units of 8 (x >= 0.5 -> 15 > 9.4999), rank 1 one
     assert r0["saturated"][tanh] == pytest.approx((4 + 1) / 16)
+
+
+@pytest.mark.parametrize("order, backend", [("compile_ddp", "inductor"), ("ddp_compiled", "aot_eager")])
+def test_a_compiled_ddp_model_with_activations_compiles_once_over_the_global_batch(run_ranks, order, backend):
+    """`torch.compile(DDP(model))` (inductor) and `DDP(torch.compile(model))` (aot_eager: the same Dynamo
+    tracing, without a second cold inductor compile), activation statistics every 10 steps over 21 steps: one
+    graph and no recompile on either rank (`error_on_recompile` would raise), and each sampled step's statistics
+    those of the whole global batch in one process. Frames: DDP's own forward graph-breaks (it is not traced)
+    and is counted as frames every step, with or without the agent; the model's own forward is one frame."""
+    results = run_ranks("compiled", 2, order=order, backend=backend, steps=21)
+    for r in results:
+        assert r["graphs"] == 1 and r["recompiles"] == 0 and r["traced"]
+        assert r["errors"]["activations"] == 0 and r["errors"]["stats"] == 0
+        if order == "ddp_compiled":
+            assert r["frames"] == {"total": 1, "ok": 1}
+    r0 = results[0]
+    assert [s["step"] for s in r0["steps"]] == [0, 10, 20]
+    for s in r0["steps"]:
+        assert (s["dead_ratio"] is None) == (s["step"] == 0)  # the unit layout is agreed at the first sampled step
+        for field in ("mean", "std", "max_abs", "saturated_ratio") + (("dead_ratio",) if s["step"] else ()):
+            assert_close(s[field], [s["ref"][m][field] for m in r0["modules"]], f"step {s['step']} {field}")
+        assert s["nonfinite"] == [0] * len(r0["modules"])
+        relu, tanh = r0["modules"].index("net.2"), r0["modules"].index("net.4")
+        assert s["saturated_ratio"][tanh] > 0 and (s["step"] == 0 or s["dead_ratio"][relu] >= 4 / 32)
+    assert results[1]["steps"] == r0["steps"]

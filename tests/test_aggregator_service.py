@@ -153,7 +153,7 @@ def test_without_prometheus_it_scrapes_the_agent_directly(tmp_path: Path):
     rules = tmp_path / "rules.yaml"
     rules.write_text("interval: 1s\nrules:\n  nan_gradient: {window: 10s}\n")
     port = free_port()
-    agg = subprocess.Popen([sys.executable, "-m", "gradwatch.aggregator.cli", "aggregator", "--scrape",
+    agg = subprocess.Popen([sys.executable, "-m", "gradwatch.cli", "aggregator", "--scrape",
                             f"http://127.0.0.1:{agent.metrics_port}/metrics", "--alertmanager-url", "none", "--port", str(port),
                             "--state", str(tmp_path / "state.db"), "--rules", str(rules), "--eval-interval", "1s"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -178,8 +178,11 @@ def test_without_prometheus_it_scrapes_the_agent_directly(tmp_path: Path):
         assert not firing[0]["delivered"]  # no Alertmanager: served by the API only
         metrics = http_text(f"{base}/metrics")
         assert "gradwatch_aggregator_prometheus_up 1.0" in metrics  # the scrape source counts as reached
+        evaluated = {r["name"] for r in http_json(f"{base}/api/v1/rules")["rules"]}
+        assert "training_stalled" in evaluated and "agent_down" not in evaluated  # it needs Prometheus's targets
     finally:
         agg.terminate()
         out, _ = agg.communicate(timeout=30)
         agent.close()
     assert "Traceback" not in out, out[-3000:]
+    assert "rule agent_down is not evaluated: needs Prometheus's scrape targets" in out

@@ -48,6 +48,25 @@ def test_overhead_counts_syncs_and_collectives_per_step(tmp_path: Path) -> None:
     assert set(report["collective"]) == {"cpu_ms", "wall_ms"} and all(math.isfinite(v) for v in report["collective"].values())
 
 
+def test_overhead_pairs_compiled_configurations_with_the_compiled_baseline(tmp_path: Path) -> None:
+    report = run("overhead.py", tmp_path, "--models", "mlp", "--wraps", "ddp", "fsdp2", "--configs", "compiled", "compiled+act/10",
+                 "--compile-backend", "aot_eager", "--rounds", "1", "--cycles", "2", "--steps", "2", "--warmup", "1")
+    rows = {(r["wrap"], r["config"]): r for r in report["results"]}
+    assert set(rows) == {(w, c) for w in ("ddp", "fsdp2") for c in ("baseline", "compiled-baseline", "compiled", "compiled+act/10")}
+    ddp = {c: r for (w, c), r in rows.items() if w == "ddp"}
+    assert all("failed" not in r and r["blocks"] == 2 for r in ddp.values())
+    assert ddp["baseline"]["ratio"] == ddp["compiled-baseline"]["ratio"] == 1.0  # each its own baseline
+    assert [ddp[c]["paired_with"] for c in ("compiled", "compiled+act/10")] == ["compiled-baseline"] * 2
+    for config in ("compiled-baseline", "compiled", "compiled+act/10"):
+        r = ddp[config]
+        assert r["graphs"] == 1 and r["recompiles"] == 0, config  # activation sampling toggles nothing Dynamo guards
+        assert r["graph_breaks"] == ddp["compiled-baseline"]["graph_breaks"], config  # DDP's own, none of the agent's
+        assert r["scalar_reads_per_step"] == 26  # AdamW's, as eager
+    assert 0 < ddp["compiled"]["extra_collectives_per_step"] <= 0.5
+    assert all(rows[("fsdp2", c)]["failed"].startswith("not run") for c in ("compiled-baseline", "compiled", "compiled+act/10"))
+    assert report["compile_backend"] == "aot_eager"
+
+
 def overhead_module():
     spec = importlib.util.spec_from_file_location("overhead", BENCHMARKS / "overhead.py")
     module = importlib.util.module_from_spec(spec)
@@ -85,3 +104,22 @@ def test_scale_counts_series_and_the_aggregator_alerts_on_the_sick_jobs(tmp_path
     assert alerting.get("rank_outlier") == ["job-1", "job-11"]  # rank 1 alone went non-finite
     healthy = {f"job-{j}" for j in range(12)} - {"job-0", "job-10", "job-1", "job-11"}
     assert not healthy & {job for jobs in alerting.values() for job in jobs}
+
+
+def test_overhead_runs_the_two_dimensional_layouts_on_four_ranks(tmp_path: Path) -> None:
+    """HSDP and FSDP2+TP (2 x 2 meshes): the agent adds no scalar read and one all-reduce per
+    combination of steps, as on the 1-D layouts."""
+    report = run("overhead.py", tmp_path, "--world", "4", "--models", "mlp", "--wraps", "hsdp", "fsdp2+tp",
+                 "--configs", "baseline", "grad", "--rounds", "1", "--cycles", "1", "--steps", "2", "--warmup", "1")
+    rows = {(r["wrap"], r["config"]): r for r in report["results"]}
+    assert set(rows) == {(w, c) for w in ("hsdp", "fsdp2+tp") for c in ("baseline", "grad")}
+    for wrap in ("hsdp", "fsdp2+tp"):
+        assert "failed" not in rows[(wrap, "grad")], rows[(wrap, "grad")]
+        assert rows[(wrap, "grad")]["scalar_reads_per_step"] == rows[(wrap, "baseline")]["scalar_reads_per_step"]
+        assert 0 < rows[(wrap, "grad")]["extra_collectives_per_step"] <= 1
+    assert report["machine"]["ranks"] == 4
+
+
+def test_the_two_dimensional_layouts_need_four_ranks(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "overhead.py"), "--wraps", "hsdp"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "need --world 4" in proc.stderr

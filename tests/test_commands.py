@@ -156,7 +156,7 @@ def test_halt_checkpoints_and_exits_with_a_distinct_code_on_every_rank(tmp_path:
         run = pool.submit(launch, "commands", 2, tmp_path / "job", timeout=240, ok_codes=(86,), wrap="ddp", job="halt",
                           url=base, token=TOKEN, steps=300, seconds_per_step=0.1, out=str(tmp_path))
         time.sleep(4)
-        sent = subprocess.run([sys.executable, "-m", "gradwatch.aggregator.cli", "signal", "--job", "halt", "halt",
+        sent = subprocess.run([sys.executable, "-m", "gradwatch.cli", "signal", "--job", "halt", "halt",
                                "--reason", "operator: bad data shard", "--aggregator-url", base],
                               env={**os.environ, "GRADWATCH_AGGREGATOR_TOKEN": TOKEN}, capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr

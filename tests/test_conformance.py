@@ -1,7 +1,8 @@
 """The in-process evaluator and Prometheus agree: identical series go to both, and promtool must see
 exactly the alerts (labels and annotations) gradwatch's own evaluator reports, at every evaluation
-time, for every rule. Series are random (seeded) with an episode of every pathology, NaN/Inf
-values, gaps, a counter reset and a job that stops reporting."""
+time, for every rule it evaluates. Series are random (seeded) with an episode of every pathology,
+NaN/Inf values, gaps, a counter reset and a job that stops reporting. `agent_down` rests on
+Prometheus's staleness handling, which has no in-process counterpart: the engine skips it, by name."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import math
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+from gradwatch.aggregator.evaluate import RuleEngine
 from gradwatch.aggregator.rules import RuleSet, parse_rules
 from promtool_cases import Series, in_process_alerts, run_promtool
 
@@ -29,6 +32,9 @@ rules:
   weight_update_ratio: {for: 5s}
   overfit: {window: 20s, for: 5s}
   rank_outlier: {window: 10s, for: 3s}
+  training_stalled: {min_seconds: 20s, factor: 15, window: 30s}
+  straggler: {window: 5s, for: 3s}
+  throughput_drop: {window: 10s, baseline: 40s, for: 3s}
 """)
 
 
@@ -37,10 +43,12 @@ def episode(rng: random.Random, length: int) -> range:
     return range(start, start + length)
 
 
-def job_series(job: str, rng: random.Random, stop_at: int, moves_at: int = 0) -> list[Series]:
+def job_series(job: str, rng: random.Random, stop_at: int, moves_at: int = 0, slow_steps: bool = False) -> list[Series]:
     """One training job's agent series, with every pathology somewhere. With `moves_at`, rank 0
     restarts on another address at that sample: every series changes its `instance` label (the old
-    one lingers for Prometheus's 5-minute lookback), as after a pod restart."""
+    one lingers for Prometheus's 5-minute lookback), as after a pod restart. With `slow_steps`,
+    steps are long enough that a stall is judged by the median step time, not `min_seconds`, and
+    every rank stalls at the same place."""
     out: list[Series] = []
     n = stop_at
 
@@ -99,18 +107,56 @@ def job_series(job: str, rng: random.Random, stop_at: int, moves_at: int = 0) ->
         counter.append(float(count))
     add("gradwatch_nonfinite_steps_total", {}, counter)
     add("gradwatch_nan_origin_step", {"kind": "gradient", "layer": "block0.weight", "rank": "all"}, [None if i < nan_at.start else float(nan_at.start) for i in range(N)])
+    liveness_series(add, rng, slow_steps)
     return out
+
+
+def liveness_series(add: Callable[[str, dict, list], None], rng: random.Random, slow_steps: bool) -> None:
+    """Per-rank progress with a stall (one rank behind, or every rank at the same place), a
+    straggler, a slower stretch of steps and a restart (the step counter resets)."""
+    stall, slow, straggle = episode(rng, 40), episode(rng, 30), episode(rng, 20)
+    behind = None if slow_steps else rng.randrange(3)  # None: every rank stops at the same place
+    step_s = [rng.uniform(1.5, 2.5) if slow_steps else rng.uniform(0.5, 1.5) for _ in range(N)]
+    for r in range(3):
+        steps, phases, progress = [], [], []
+        for i in range(N):
+            if i in stall:
+                at = stall.start - 1
+                steps.append(float(at))
+                phases.append(1.0 if r == behind else 2.0)
+                progress.append(at - (0.5 if r == behind else 0.2))
+            else:
+                steps.append(float(i - (rng.random() < 0.2)))
+                phases.append(float(rng.randrange(4)))
+                progress.append(i - rng.uniform(0, 0.5))
+        add("gradwatch_rank_last_step", {"rank": str(r)}, steps)
+        add("gradwatch_rank_phase", {"rank": str(r)}, phases)
+        add("gradwatch_rank_progress_timestamp_seconds", {"rank": str(r)}, progress)
+        add("gradwatch_rank_step_seconds", {"rank": str(r)}, [v * rng.uniform(0.95, 1.05) * (2.5 if (r == 1 and i in straggle) else 1) for i, v in enumerate(step_s)])
+    count, counter = 0.0, []
+    restart_at = rng.randrange(30, N - 30)
+    for i in range(N):
+        count = 0.0 if i == restart_at else count + (0 if i in stall else rng.randint(2, 3) if i in slow else rng.randint(8, 12))
+        counter.append(count)
+    add("gradwatch_steps_total", {}, counter)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_in_process_evaluator_matches_promtool(seed: int, tmp_path: Path):
     rng = random.Random(seed)
-    series = job_series("train-a", rng, N) + job_series("train-b", rng, rng.randrange(100, N), moves_at=rng.randrange(40, 90))
+    series = job_series("train-a", rng, N) + job_series("train-b", rng, rng.randrange(100, N), moves_at=rng.randrange(40, 90), slow_steps=True)
     expected = in_process_alerts(SHORT_WINDOWS, series, 1, N)
     fired = Counter(e.alertname for e in expected for _ in e.alerts)
-    assert len(fired) == 10, f"the data must make every rule fire at least once: {fired}"
+    assert len(fired) == len(SHORT_WINDOWS.enabled()) - 1, f"the data must make every rule fire at least once: {fired}"
     proc = run_promtool(tmp_path, SHORT_WINDOWS, series, expected, 1)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_in_process_engine_skips_agent_down_and_says_why():
+    engine = RuleEngine(RuleSet())
+    assert "agent_down" not in {r.name for r in engine.rules}
+    assert set(engine.skipped) == {"agent_down"} and "staleness" in engine.skipped["agent_down"]
+    assert len(engine.rules) + len(engine.skipped) == len(RuleSet().enabled())
 
 
 def test_promtool_catches_a_single_wrong_alert(tmp_path: Path):

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 import pytest
 
 from conftest import free_port
-from gradwatch.aggregator.cli import main as cli
+from gradwatch.cli import main as cli
 from gradwatch.dashboards import JSON_DIR
 from gradwatch.dashboards import export as dashboards_export
 from promtool_cases import require
@@ -108,7 +108,7 @@ def test_cli_works_without_the_grafana_libraries() -> None:
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] in {'grafana_foundation_sdk', 'grafana_client'}: raise ImportError(name, name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from gradwatch.aggregator.cli import main\n"
+        "from gradwatch.cli import main\n"
         "sys.exit(main(['dashboards', 'export', '--check', '-o', '.']))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60)
@@ -184,7 +184,8 @@ EXPECTED = {
                           "Vanishing layers": "percentunit"}, {"datasource", "job", "layer"}),
     "gradwatch-activations": ({"Saturated fraction": "percentunit", "Dead-unit fraction": "percentunit"},
                               {"datasource", "job", "layer"}),
-    "gradwatch-ranks": ({"Loss per rank": "short", "Non-finite items per rank": "none", "Step time per rank": "s"},
+    "gradwatch-ranks": ({"Loss per rank": "short", "Non-finite items per rank": "none", "Step time per rank": "s",
+                         "Progress per rank": "short", "Seconds without progress / heartbeat age": "s"},
                         {"datasource", "job", "rank"}),
 }
 

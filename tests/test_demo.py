@@ -19,7 +19,7 @@ from gradwatch.demo.catalog import EXPECTED_ALERTS
 from gradwatch.demo.summary import Summary
 from promtool_cases import require
 
-GRADWATCH = [sys.executable, "-m", "gradwatch.aggregator.cli"]
+GRADWATCH = [sys.executable, "-m", "gradwatch.cli"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -213,7 +213,7 @@ def test_without_the_demo_extra_it_names_the_extra_to_install(tmp_path: Path):
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] == 'rich': raise ImportError(name, name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from gradwatch.aggregator.cli import main\n"
+        "from gradwatch.cli import main\n"
         f"sys.exit(main(['demo', '--out', {str(tmp_path)!r}]))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

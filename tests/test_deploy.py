@@ -23,7 +23,7 @@ import yaml
 
 from conftest import free_port
 from gradwatch.agent.config import AgentConfig
-from gradwatch.aggregator.cli import main as gradwatch_main
+from gradwatch.cli import main as gradwatch_main
 from gradwatch.aggregator.rules import RuleSet
 from gradwatch.aggregator.rules.rulefile import export_text
 from gradwatch.aggregator.service.config import AggregatorSettings
@@ -58,7 +58,7 @@ def settings_from_env(model: Any, env: dict[str, str]) -> Any:
 def test_prometheus_config_passes_promtool(config):
     proc = subprocess.run([require("promtool"), "check", "config", config], cwd=DEPLOY / "prometheus", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 10 rules found" in proc.stdout  # it loads the committed rule file
+    assert "SUCCESS: 14 rules found" in proc.stdout  # it loads the committed rule file
 
 
 def test_promtool_reads_the_file_sd_targets(tmp_path):
@@ -120,6 +120,13 @@ def test_operator_prometheus_copies_of_gradwatch_alerts_are_discarded(config):
     assert receivers["discard"] == {"name": "discard"}  # no integration: nothing is sent
 
 
+@pytest.mark.parametrize("config", ALERTMANAGER_CONFIGS)
+def test_a_stalled_job_inhibits_its_throughput_and_straggler_alerts(config):
+    inhibit = yaml.safe_load((DEPLOY / "alertmanager" / config).read_text())["inhibit_rules"]
+    (stall,) = [r for r in inhibit if r["source_matchers"] == ['alertname="GradwatchTrainingStalled"']]
+    assert stall["equal"] == ["job"] and "GradwatchThroughputDrop|GradwatchStraggler" in stall["target_matchers"][0]
+
+
 def test_pagerduty_slack_variant_has_the_same_routing_and_keys_from_files():
     plain, real = (yaml.safe_load((DEPLOY / "alertmanager" / c).read_text()) for c in ALERTMANAGER_CONFIGS)
     assert real["route"] == plain["route"] and real["inhibit_rules"] == plain["inhibit_rules"]
@@ -148,7 +155,7 @@ def test_prometheusrule_holds_exactly_the_rule_files_groups(tmp_path):
     spec = tmp_path / "spec.yml"
     spec.write_text(yaml.safe_dump(rule["spec"]))
     proc = subprocess.run([require("promtool"), "check", "rules", str(spec)], capture_output=True, text=True)
-    assert proc.returncode == 0 and "SUCCESS: 10 rules found" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "SUCCESS: 14 rules found" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_unknown_export_format_is_refused():
@@ -323,7 +330,7 @@ class NotInImage(importlib.abc.MetaPathFinder):
         if name.partition(".")[0] in BLOCKED:
             raise ModuleNotFoundError(f"No module named {name!r} (not in the aggregator image)", name=name)
 sys.meta_path.insert(0, NotInImage())
-from gradwatch.aggregator.cli import main
+from gradwatch.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 

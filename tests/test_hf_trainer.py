@@ -122,7 +122,7 @@ def test_adapter_fails_open(tmp_path, caplog):
     assert callback.agent is None
     assert [r.getMessage() for r in caplog.records].count(
         "gradwatch hf adapter: attaching the agent failed; training goes on: "
-        "ValueError('the model has no trainable parameters (every parameter has requires_grad=False)')") == 1
+        "LayoutError('the model has no trainable parameters on any rank (every parameter has requires_grad=False)')") == 1
 
 
 def test_bad_configuration_is_rejected_at_construction():

@@ -159,7 +159,7 @@ def test_adapter_fails_open(caplog):
     assert callback.agent is None
     assert [r.getMessage() for r in caplog.records].count(
         "gradwatch lightning adapter: attaching the agent failed; training goes on: "
-        "ValueError('the model has no trainable parameters (every parameter has requires_grad=False)')") == 1
+        "LayoutError('the model has no trainable parameters on any rank (every parameter has requires_grad=False)')") == 1
 
 
 def test_bad_configuration_is_rejected_at_construction():

@@ -23,7 +23,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_aggregator_imports_without_torch():
-    code = "import gradwatch.aggregator.service.app, gradwatch.aggregator.cli, gradwatch.aggregator.evaluate"
+    code = "import gradwatch.aggregator.service.app, gradwatch.cli, gradwatch.cli.main, gradwatch.aggregator.evaluate"
     result = run_python(BLOCK.format(blocked={"torch"}) + code)
     assert result.returncode == 0, result.stderr
 
@@ -44,7 +44,30 @@ def test_agent_imports_without_service_dependencies_or_frameworks():
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("bare", ["agent", "aggregator"])
+def test_wire_imports_with_pydantic_only():
+    """What both halves exchange (commands, metric names) needs neither half nor their dependencies."""
+    blocked = {"torch", "prometheus_client", "pydantic_settings", "fastapi", "uvicorn", "httpx", "yaml"}
+    code = ("import sys, gradwatch.wire.commands, gradwatch.wire.metric_names\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('gradwatch.agent', 'gradwatch.aggregator'))))")
+    result = run_python(BLOCK.format(blocked=blocked) + code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_agent_and_aggregator_do_not_import_each_other():
+    """The agent reaches the aggregator's package only for in-process rules (gradwatch.agent.alerting,
+    imported by watch_rules); the aggregator never imports the agent."""
+    agent = ("import sys, gradwatch.agent, gradwatch.agent.remote, gradwatch.agent.exporter\n"
+             "print(sorted(m for m in sys.modules if m.startswith('gradwatch.aggregator')))")
+    aggregator = ("import sys, gradwatch.aggregator.service.app, gradwatch.aggregator.service.policy\n"
+                  "print(sorted(m for m in sys.modules if m.startswith('gradwatch.agent')))")
+    for code in (agent, aggregator):
+        result = run_python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("bare", ["agent", "aggregator", "wire"])
 def test_no_bare_top_level_packages(bare):
     result = run_python(f"import {bare}")
     assert result.returncode != 0 and "No module named" in result.stderr

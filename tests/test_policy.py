@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from gradwatch.aggregator.commands import Ack
+from gradwatch.wire.commands import Ack
 from gradwatch.aggregator.evaluate.alerts import FIRING, Alert, Transition
 from gradwatch.aggregator.evaluate.interpreter import Sample
 from gradwatch.aggregator.rules.promql import render
@@ -79,6 +79,6 @@ def test_policy_defaults_floor_rate_limit_and_dry_run(tmp_path: Path):
 
 
 def test_signal_validates_before_sending():
-    proc = subprocess.run([sys.executable, "-m", "gradwatch.aggregator.cli", "signal", "--job", "j", "scale-lr", "2"],
+    proc = subprocess.run([sys.executable, "-m", "gradwatch.cli", "signal", "--job", "j", "scale-lr", "2"],
                           capture_output=True, text=True, timeout=60, env={"GRADWATCH_AGGREGATOR_TOKEN": "t", "PATH": ""})
     assert proc.returncode == 2 and "factor" in proc.stderr and "less than or equal to 1" in proc.stderr

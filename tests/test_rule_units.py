@@ -11,7 +11,7 @@ import pytest
 
 from gradwatch.aggregator.rules import RuleSet, compile_rules
 from gradwatch.aggregator.rules.templates import render
-from promtool_cases import Expected, Series, run_promtool
+from promtool_cases import STALE, Expected, Series, run_promtool
 
 STEP = 15  # seconds per sample = the default evaluation interval
 RULES = {r.name: r for r in compile_rules(RuleSet())}
@@ -35,6 +35,45 @@ def flat(value: float, n: int) -> list[float]:
 
 def nan_origin_series(n_before: int, n: int) -> Series:
     return Series("gradwatch_nan_origin_step", {"job": "j", "kind": "activation", "layer": "fc2", "rank": "1"}, [None] * n_before + [412.0] * (n - n_before))
+
+
+def stall_series(phases: dict[int, int], stall_at: int, n: int, step_seconds: float = 1.5, lag: dict[int, int] = {}) -> list[Series]:
+    """Ranks training in lockstep (one sample per 15 s, 10 steps per sample) until sample `stall_at`,
+    then frozen at the phase given per rank, `lag` seconds of progress earlier than the latest."""
+    out = []
+    for r, phase in phases.items():
+        frozen = STEP * stall_at - lag.get(r, 0)
+        job = {"job": "j", "rank": str(r)}
+        out += [
+            Series("gradwatch_rank_last_step", job, [float(10 * min(i, stall_at)) for i in range(n)]),
+            Series("gradwatch_rank_phase", job, [float(i % 4 if i < stall_at else phase) for i in range(n)]),
+            Series("gradwatch_rank_progress_timestamp_seconds", job, [float(STEP * i if i < stall_at else frozen) for i in range(n)]),
+            Series("gradwatch_rank_heartbeat_timestamp_seconds", job, [float(STEP * i) for i in range(n)]),
+        ]
+        if step_seconds:
+            out.append(Series("gradwatch_rank_step_seconds", job, flat(step_seconds, n)))
+    return out
+
+
+def agent_series(gone_at: int, n: int, finished: bool = False) -> list[Series]:
+    """Rank 0's target: scraped until sample `gone_at`, then down (up 0, its series marked stale)."""
+    target = {"instance": "trainer-0:9400"}
+    info = {"job": "j", "version": "0.1", "world_size": "2", "sharding": "ddp", **target}
+    out = [
+        Series("up", {"job": "gradwatch-agents", **target}, [1.0 if i < gone_at else 0.0 for i in range(n)]),
+        Series("gradwatch_agent_info", info, flat(1, gone_at) + [STALE]),
+    ]
+    if finished:  # the agent's last scrape before it closed said so
+        out.append(Series("gradwatch_training_finished", {"job": "j", **target}, [None] * (gone_at - 1) + [1.0, STALE]))
+    return out
+
+
+def steps_counter(per_sample: list[float]) -> Series:
+    total, values = 0.0, []
+    for inc in per_sample:
+        values.append(total)
+        total += inc
+    return Series("gradwatch_steps_total", {"job": "j"}, values)
 
 
 CASES = {
@@ -156,6 +195,53 @@ CASES = {
         [Series("gradwatch_rank_nonfinite", {"job": "j", "rank": str(r)}, flat(1, 20)) for r in range(3)]
         + [Series("gradwatch_rank_loss", {"job": "j", "rank": str(r)}, flat(v, 20)) for r, v in enumerate([1.0, 1.3, 0.8])],
         [(t, []) for t in range(0, 20 * STEP, 60)],
+    ),
+    "training_stalled/one-rank-behind": (  # rank 2 still in forward; ranks 0, 1 wait in the all-reduce
+        stall_series({0: 2, 1: 2, 2: 1}, stall_at=20, n=64, lag={2: 10}),
+        [(minutes(15), []), (minutes(15.25), [alert("training_stalled", 615, job="j", rank="2")])],
+    ),
+    "training_stalled/slow-steps": (  # 45 s steps: stalled after 20 x 45 s = 15m, not 10m; nobody behind
+        stall_series({0: 0, 1: 0, 2: 0}, stall_at=10, n=74, step_seconds=45),
+        [(minutes(12.5), []), (minutes(17.5), []),
+         (minutes(17.75), [alert("training_stalled", 915, job="j", rank=str(r)) for r in range(3)])],
+    ),
+    "training_stalled/no-step-time-yet": (  # stuck before the first measured step: min_seconds alone
+        stall_series({0: 3, 1: 1}, stall_at=2, n=44, step_seconds=0),
+        [(minutes(10.5), []), (minutes(10.75), [alert("training_stalled", 615, job="j", rank="1")])],
+    ),
+    "training_stalled/finished": (  # the process serves on after its last step, having said it is done
+        stall_series({0: 0, 1: 0}, stall_at=4, n=64) + [Series("gradwatch_training_finished", {"job": "j"}, [None] * 4 + flat(1, 60))],
+        [(t, []) for t in range(0, 64 * STEP, 60)],
+    ),
+    "training_stalled/quiet": (  # training on, rank 1 always a phase behind
+        stall_series({0: 2, 1: 1}, stall_at=200, n=160),
+        [(t, []) for t in range(0, 160 * STEP, 120)],
+    ),
+    "agent_down/crashed": (  # its target fails at 2m; the alert names the training job, not the scrape job
+        agent_series(gone_at=8, n=20),
+        [(minutes(2), []), (minutes(6.75), []), (minutes(7), [alert("agent_down", 1, job="j")]),
+         (minutes(61.75), [alert("agent_down", 1, job="j")]), (minutes(62), [])],  # forgotten after `window`
+    ),
+    "agent_down/quiet": (  # still scraped; and a job that finished normally said so before it went
+        [Series("gradwatch_agent_info", {"job": "other", "version": "0.1", "world_size": "1", "sharding": "none"}, flat(1, 40))]
+        + agent_series(gone_at=8, n=40, finished=True),
+        [(t, []) for t in range(0, 40 * STEP, 60)],
+    ),
+    "straggler/firing": (
+        [Series("gradwatch_rank_step_seconds", {"job": "j", "rank": str(r)}, flat(v, 30)) for r, v in enumerate([1.0, 1.05, 0.95, 2.0])],
+        [(minutes(4.75), []), (minutes(5), [alert("straggler", 2.0 / 1.025, job="j", rank="3")])],
+    ),
+    "straggler/quiet": (  # synchronous DDP: every rank's wall step time is the same, or nearly
+        [Series("gradwatch_rank_step_seconds", {"job": "j", "rank": str(r)}, [1.0 + 0.2 * ((i + r) % 3) for i in range(30)]) for r in range(4)],
+        [(t, []) for t in range(0, 30 * STEP, 60)],
+    ),
+    "throughput_drop/firing": (  # 10 steps per 15 s for 80m, then 4
+        [steps_counter([10.0] * 320 + [4.0] * 90)],
+        [(minutes(95), []), (minutes(100), [alert("throughput_drop", (160 / 600) / (2160 / 3600), job="j")])],
+    ),
+    "throughput_drop/quiet": (  # the first hour (a partial baseline) and a slow 20% drift
+        [steps_counter([10.0 * (1 - 0.2 * i / 400) for i in range(400)])],
+        [(t, []) for t in range(0, 400 * STEP, 300)],
     ),
 }
 

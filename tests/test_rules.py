@@ -15,7 +15,7 @@ from promtool_cases import require
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "deploy" / "prometheus" / "rules" / "gradwatch.rules.yml"
-GRADWATCH = [sys.executable, "-m", "gradwatch.aggregator.cli"]
+GRADWATCH = [sys.executable, "-m", "gradwatch.cli"]
 
 
 def test_every_pathology_has_a_rule_naming_job_and_a_runbook():
@@ -23,6 +23,7 @@ def test_every_pathology_has_a_rule_naming_job_and_a_runbook():
     assert [r.name for r in rules] == [
         "nan_gradient", "exploding_gradient", "vanishing_gradient", "saturated_activation", "dead_units",
         "loss_not_decreasing", "loss_spike", "weight_update_ratio", "overfit", "rank_outlier",
+        "training_stalled", "agent_down", "straggler", "throughput_drop",
     ]
     for r in rules:
         assert r.alert.startswith("Gradwatch") and r.labels["severity"] in ("critical", "warning", "info")
@@ -35,6 +36,21 @@ def test_every_pathology_has_a_rule_naming_job_and_a_runbook():
     assert "standardize" in by_name["exploding_gradient"].annotations["runbook"] and "Clip" in by_name["exploding_gradient"].annotations["runbook"]
     assert "layer" in by_name["vanishing_gradient"].annotations["description"]
     assert "rank" in by_name["rank_outlier"].annotations["summary"]
+    assert "rank" in by_name["training_stalled"].annotations["summary"] and "rank" in by_name["straggler"].annotations["summary"]
+    assert "If every rank is named, no rank is behind" in by_name["training_stalled"].annotations["runbook"]
+    assert "finished normally" in by_name["agent_down"].annotations["runbook"]
+    assert [r.name for r in rules if r.needs_prometheus] == ["agent_down"]
+
+
+def test_liveness_thresholds_are_spec_fields():
+    rs = parse_rules("rules:\n  training_stalled: {min_seconds: 20s, factor: 5, window: 2m}\n  throughput_drop: {min_fraction: 0.25, baseline: 2h}\n")
+    by_name = {r.name: r for r in compile_rules(rs)}
+    stalled = by_name["training_stalled"].promql
+    assert "> 20)" in stalled and "* 5)" in stalled and "gradwatch_rank_step_seconds[2m]" in stalled
+    assert "time() - max by (job) (gradwatch_rank_progress_timestamp_seconds)" in stalled
+    assert "< 0.25" in by_name["throughput_drop"].promql and "[2h] offset 10m" in by_name["throughput_drop"].promql
+    with pytest.raises(RuleFileError, match="factor: Input should be greater than 1"):
+        parse_rules("rules:\n  straggler: {factor: 0.5}\n")
 
 
 def test_yaml_overrides_only_what_it_names():
@@ -45,7 +61,7 @@ def test_yaml_overrides_only_what_it_names():
     assert rs.rules.exploding_gradient.cap == default.rules.exploding_gradient.cap
     assert rs.rules.vanishing_gradient == default.rules.vanishing_gradient
     names = [r.name for r in compile_rules(rs)]
-    assert "loss_spike" not in names and len(names) == 9
+    assert "loss_spike" not in names and len(names) == 13
     assert "20" in {r.name: r for r in compile_rules(rs)}["exploding_gradient"].promql
 
 
@@ -81,7 +97,7 @@ def test_cli_export_passes_promtool_check(tmp_path):
     subprocess.run(GRADWATCH + ["rules", "export", "-o", str(out)], check=True, timeout=60)
     proc = subprocess.run([require("promtool"), "check", "rules", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 10 rules found" in proc.stdout
+    assert "SUCCESS: 14 rules found" in proc.stdout
 
 
 def test_committed_rule_file_has_not_drifted():
@@ -94,7 +110,7 @@ def test_committed_rule_file_has_not_drifted():
 def test_deploy_configs_are_valid():
     prom = subprocess.run([require("promtool"), "check", "config", "prometheus.yml"], cwd=REPO / "deploy" / "prometheus", capture_output=True, text=True)
     assert prom.returncode == 0, prom.stdout + prom.stderr
-    assert "SUCCESS: 10 rules found" in prom.stdout  # the rule file it loads is the committed one
+    assert "SUCCESS: 14 rules found" in prom.stdout  # the rule file it loads is the committed one
     am = subprocess.run([require("amtool"), "check-config", "alertmanager.yml"], cwd=REPO / "deploy" / "alertmanager", capture_output=True, text=True)
     assert am.returncode == 0, am.stdout + am.stderr
 

@@ -68,7 +68,7 @@ def launch_env(
 
 
 def run(args: argparse.Namespace) -> int:
-    """`gradwatch run` (its options are declared in aggregator/cli.py, which must import without
+    """`gradwatch run` (its options are declared in cli/main.py, which must import without
     torch): validate, then exec the command. Returns only on an error: 2 bad input, 127 not found,
     126 found but not executable (as a shell does)."""
     try:

@@ -4,10 +4,10 @@ Prometheus runs (the demo), and the reference the conformance test holds against
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping, Union
+from typing import Iterable, Mapping, Optional, Union
 
 from ..rules.compile import CompiledRule, compile_rules
-from ..rules.promql import Aggregate, Binary, Call, Expr
+from ..rules.promql import Aggregate, Binary, Call, Expr, Selector
 from ..rules.specs import RuleSet
 from .alerts import AlertTracker, Transition
 from .interpreter import LOOKBACK_MS, evaluate
@@ -27,11 +27,34 @@ def lookback_s(expr: Expr) -> int:
     return 0
 
 
+def metric_lookbacks(expr: Expr, out: Optional[dict[str, int]] = None) -> dict[str, int]:
+    """How far back `expr` reads each metric it names (seconds; 0: instant selectors only)."""
+    out = {} if out is None else out
+    if isinstance(expr, Selector):
+        out[expr.metric] = max(out.get(expr.metric, 0), (expr.range_s or 0) + expr.offset_s)
+    elif isinstance(expr, Call):
+        metric_lookbacks(expr.arg, out)
+    elif isinstance(expr, Aggregate):
+        metric_lookbacks(expr.expr, out)
+    elif isinstance(expr, Binary):
+        metric_lookbacks(expr.lhs, out)
+        metric_lookbacks(expr.rhs, out)
+    return out
+
+
 class RuleEngine:
     def __init__(self, rules: Union[RuleSet, Iterable[CompiledRule]]) -> None:
-        self.rules = compile_rules(rules) if isinstance(rules, RuleSet) else list(rules)
-        history = max([lookback_s(r.expr) for r in self.rules] + [0]) + LOOKBACK_MS // 1000
-        self.store = SeriesStore(retention_s=history + 60)
+        compiled = compile_rules(rules) if isinstance(rules, RuleSet) else list(rules)
+        # Skipped by name and reason, never silently: their alerts need Prometheus itself.
+        self.skipped: dict[str, str] = {r.name: r.needs_prometheus for r in compiled if r.needs_prometheus}
+        for name, why in self.skipped.items():
+            log.info("gradwatch: rule %s is not evaluated in process: %s", name, why)
+        self.rules = [r for r in compiled if not r.needs_prometheus]
+        reads: dict[str, int] = {}
+        for rule in self.rules:
+            metric_lookbacks(rule.expr, reads)
+        margin = LOOKBACK_MS // 1000 + 60  # instant selectors' lookback, and a scrape's slack
+        self.store = SeriesStore(retention_s=margin, retention_by_metric={m: s + margin for m, s in reads.items()})
         self.tracker = AlertTracker(self.rules)
         self.errors: dict[str, str] = {}
 

@@ -6,8 +6,9 @@ semantics for exactly the node types in `rules.promql`:
 - functions and arithmetic drop `__name__`; filtering comparisons keep the left side's labels and value;
 - vector matching by `on(...)` / all labels but the name, `group_left(...)` copying labels from the
   one side; `and`/`or`/`unless` by signature;
-- `max`/`min`/`count`/`quantile`/`topk` (k = 1) with Prometheus's NaN handling, `increase` with its
-  extrapolation.
+- `max`/`min`/`count`/`quantile`/`topk` (k = 1) with Prometheus's NaN handling, `increase` and
+  `rate` with their extrapolation;
+- `time()` is the evaluation time in seconds.
 
 tests/test_conformance.py holds this to promtool's answers on the same series.
 """
@@ -18,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ..rules.promql import ARITHMETIC, COMPARISON, Aggregate, Binary, Call, Expr, Number, Selector
+from ..rules.promql import ARITHMETIC, COMPARISON, Aggregate, Binary, Call, Expr, Number, Selector, Time
 from .series import Labels, SeriesStore
 
 LOOKBACK_MS = 5 * 60 * 1000
@@ -52,6 +53,8 @@ def evaluate(expr: Expr, store: SeriesStore, t_ms: int) -> Vector:
 def _eval(expr: Expr, store: SeriesStore, t: int) -> Value:
     if isinstance(expr, Number):
         return expr.value
+    if isinstance(expr, Time):
+        return t / 1000
     if isinstance(expr, Selector):
         return _instant(expr, store, t)
     if isinstance(expr, Call):
@@ -95,8 +98,8 @@ def _call(call: Call, store: SeriesStore, t: int) -> Vector:
         if not window:
             continue
         values = [v for _, v in window]
-        if call.fn == "increase":
-            value = _increase(window, start, end)
+        if call.fn in ("increase", "rate"):
+            value = _increase(window, start, end, per_second=call.fn == "rate")
             if value is None:
                 continue
         elif call.fn == "max_over_time":
@@ -151,8 +154,9 @@ def _quantile(q: Optional[float], values: list[float]) -> float:
     return ordered[int(lower)] * (1 - weight) + ordered[int(upper)] * weight
 
 
-def _increase(window: list[tuple[int, float]], start: int, end: int) -> Optional[float]:
-    """Prometheus's extrapolated counter increase over [start, end]."""
+def _increase(window: list[tuple[int, float]], start: int, end: int, per_second: bool = False) -> Optional[float]:
+    """Prometheus's extrapolated counter increase over [start, end]; per second of the range for
+    `rate` (divided into the factor first, as Prometheus does, so the float rounding agrees)."""
     if len(window) < 2:
         return None
     first_t, first_v = window[0]
@@ -175,7 +179,10 @@ def _increase(window: list[tuple[int, float]], start: int, end: int) -> Optional
     interval = sampled
     interval += to_start if to_start < threshold else average_gap / 2
     interval += to_end if to_end < threshold else average_gap / 2
-    return result * (interval / sampled)
+    factor = interval / sampled
+    if per_second:
+        factor /= (end - start) / 1000
+    return result * factor
 
 
 # ---- aggregation ---------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Samples in memory, indexed by metric name: what the in-process evaluator reads instead of
-Prometheus's TSDB. Old samples are pruned past the longest window any rule looks at."""
+Prometheus's TSDB. Old samples are pruned past the longest window any rule looks at, per metric
+where the reader says so (one rule's long baseline need not keep every series that long)."""
 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Optional
 
 Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs, `__name__` first among equals
 
@@ -14,8 +15,10 @@ def labels_of(name: str, labels: Mapping[str, str]) -> Labels:
 
 
 class SeriesStore:
-    def __init__(self, retention_s: int = 3600) -> None:
+    def __init__(self, retention_s: int = 3600, retention_by_metric: Optional[Mapping[str, int]] = None) -> None:
+        """`retention_s` for every metric not in `retention_by_metric` (metric name -> seconds)."""
         self.retention_ms = retention_s * 1000
+        self.retention_by_metric_ms = {name: s * 1000 for name, s in (retention_by_metric or {}).items()}
         self._series: dict[str, dict[Labels, list[tuple[int, float]]]] = {}
 
     def add(self, name: str, labels: Mapping[str, str], t_ms: int, value: float) -> None:
@@ -33,8 +36,8 @@ class SeriesStore:
             self.add(name, labels, t_ms, value)
 
     def prune(self, now_ms: int) -> None:
-        cutoff = now_ms - self.retention_ms
-        for by_labels in self._series.values():
+        for name, by_labels in self._series.items():
+            cutoff = now_ms - self.retention_by_metric_ms.get(name, self.retention_ms)
             for key in list(by_labels):
                 points = by_labels[key]
                 keep = next((i for i, (ts, _) in enumerate(points) if ts >= cutoff), len(points))

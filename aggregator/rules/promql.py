@@ -16,7 +16,7 @@ from typing import Optional, Union
 ARITHMETIC = ("+", "-", "*", "/")
 COMPARISON = (">", "<", ">=", "<=", "==", "!=")
 SET_OPS = ("and", "or", "unless")
-RANGE_FUNCTIONS = ("avg_over_time", "max_over_time", "min_over_time", "quantile_over_time", "increase")
+RANGE_FUNCTIONS = ("avg_over_time", "max_over_time", "min_over_time", "quantile_over_time", "increase", "rate")
 AGGREGATIONS = ("max", "min", "count", "quantile", "topk")  # topk with k = 1 only
 
 
@@ -45,6 +45,11 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Time:
+    """`time()`: the evaluation time in Unix seconds (a scalar), for ages of exported timestamps."""
+
+
+@dataclass(frozen=True)
 class Aggregate:
     op: str
     expr: "Expr"
@@ -63,7 +68,7 @@ class Binary:
     group_left: Optional[tuple[str, ...]] = None
 
 
-Expr = Union[Selector, Number, Call, Aggregate, Binary]
+Expr = Union[Selector, Number, Time, Call, Aggregate, Binary]
 
 
 def duration(seconds: int) -> str:
@@ -86,6 +91,8 @@ def render(expr: Expr) -> str:
     """PromQL text. Every nested binary expression is parenthesised: no reliance on precedence."""
     if isinstance(expr, Number):
         return number(expr.value)
+    if isinstance(expr, Time):
+        return "time()"
     if isinstance(expr, Selector):
         text = expr.metric
         if expr.matchers:
@@ -142,3 +149,9 @@ def with_labels_of(expr: Expr, donor: Expr, labels: tuple[str, ...], on: tuple[s
     """`expr` with `labels` copied from the one `donor` series per `on` group, value unchanged:
     `count by` is exactly 1 whatever the donor holds (a `donor * 0 + 1` would turn Inf into NaN)."""
     return binary("*", expr, Aggregate("count", donor, on + labels), on=on, group_left=labels)
+
+
+def for_each(expr: Expr, donor: Expr, labels: tuple[str, ...], on: tuple[str, ...] = ("job",)) -> Binary:
+    """`expr` (one series per `on` group) repeated for every `labels` combination of `donor` in its
+    group, value unchanged: a `count by` times 0 is exactly 0 whatever the donor holds."""
+    return binary("+", binary("*", Aggregate("count", donor, on + labels), 0), expr, on=on, group_left=())

@@ -223,6 +223,83 @@ class RankOutlier(RuleSpec):
     )
 
 
+class TrainingStalled(RuleSpec):
+    """No rank of the job has made progress for max(`min_seconds`, `factor` x the median step time
+    over `window`); the alert names the rank(s) furthest behind (lowest step + phase / 4)."""
+
+    for_: Duration = Field(0, alias="for")
+    severity: Severity = "critical"
+    min_seconds: PositiveDuration = Field(600, description="never call a job stalled sooner than this")
+    factor: float = Field(20.0, gt=1, description="stalled after factor x the median step time, if that is longer")
+    window: PositiveDuration = Field(1800, description="the window of the median step time")
+    runbook: str = (
+        "Every rank named is the furthest behind; the others wait for it, usually inside a collective "
+        "(phase 2, after forward: loss, backward, the gradient all-reduce). gradwatch_rank_phase says where a rank stopped: "
+        "0 between steps (data loading, user code), 1 forward, 2 after forward, 3 optimizer step. Every rank's Python stacks "
+        "are in its log: the aggregator's policy sends dump_stacks on this alert (or `gradwatch signal --job JOB dump-stacks`, "
+        "or `kill -USR1 PID`, or py-spy dump --pid PID). Check the named rank's heartbeat age (time() - gradwatch_rank_heartbeat_timestamp_seconds): "
+        "a fresh heartbeat means the process lives and its training thread is blocked (data loader, "
+        "deadlock, NCCL hang: set TORCH_NCCL_ASYNC_ERROR_HANDLING=1 and a process group timeout); an "
+        "old one means the process or its host died (OOM kill, GPU Xid, node loss: check dmesg and "
+        "the scheduler). If every rank is named, no rank is behind: all wait on something common "
+        "(a filesystem or checkpoint write, an object store, the network, or rank 0's own code between "
+        "steps, e.g. a long evaluation). Restart from the last checkpoint, excluding a bad node."
+    )
+
+
+class AgentDown(RuleSpec):
+    """The job's metrics stopped arriving: its agent's target is down (`up == 0`) or gone, for `for`.
+    Remembers a job for `window` after its last scrape (the alert resolves then)."""
+
+    for_: Duration = Field(300, alias="for")
+    severity: Severity = "warning"
+    window: PositiveDuration = Field(3600, description="how long a job that stopped reporting is remembered")
+    runbook: str = (
+        "Prometheus no longer gets the job's metrics from its rank 0. A job that finished normally "
+        "does this too: check the launcher or the pod (kubectl get pod: Completed vs Error/OOMKilled; "
+        "the torchrun exit code) and the last step reached (last_over_time(gradwatch_step[1h])) "
+        "against the planned steps. Still running: check the target (Prometheus /targets, up), that "
+        "rank 0 still serves GRADWATCH_METRICS_PORT, and the network path. Crashed: read rank 0's log "
+        "and restart from the last checkpoint."
+    )
+
+
+class Straggler(RuleSpec):
+    """One rank's mean step time over `window` above `factor` x the ranks' median (NVIDIA
+    resiliency-ext's relative score), sustained. Sees only ranks whose step time can differ: under
+    synchronous data parallelism every rank's wall step time is the same (docs/rules.md)."""
+
+    for_: Duration = Field(300, alias="for")
+    severity: Severity = "warning"
+    factor: float = Field(1.5, gt=1)
+    window: PositiveDuration = 300
+    runbook: str = (
+        "The named rank is slower than the others. (Under synchronous DDP/FSDP every rank's wall step "
+        "time is the same, the fast ranks waiting in the all-reduce, so this fires only where ranks' "
+        "step times can differ: see docs/rules.md.) Check its GPU (clocks, thermal or power throttling, "
+        "ECC errors: nvidia-smi -q, DCGM), its host (CPU contention, another process on the GPU, swap), "
+        "its data loader (slow storage, too few workers) and its network link. Move the rank off the "
+        "node, or restart excluding it, if the slowdown persists."
+    )
+
+
+class ThroughputDrop(RuleSpec):
+    """The job's step rate over `window` below `min_fraction` of its rate over the `baseline`
+    window just before, sustained."""
+
+    for_: Duration = Field(600, alias="for")
+    severity: Severity = "warning"
+    min_fraction: float = Field(0.5, gt=0, lt=1, description="fire below this fraction of the baseline step rate")
+    window: PositiveDuration = 600
+    baseline: PositiveDuration = Field(3600, description="the baseline window, ending where `window` starts")
+    runbook: str = (
+        "Steps per second fell well below the job's own recent rate. Look for a straggler rank (the "
+        "straggler alert, per-rank step time), a slower input pipeline (data loading time, storage), "
+        "checkpointing or evaluation running more often, GPU throttling, or contention from another "
+        "job on the nodes or the network. A planned change (larger batch, longer sequences) also does this."
+    )
+
+
 RULE_TYPES: dict[str, type[RuleSpec]] = {
     "nan_gradient": NanGradient,
     "exploding_gradient": ExplodingGradient,
@@ -234,6 +311,10 @@ RULE_TYPES: dict[str, type[RuleSpec]] = {
     "weight_update_ratio": WeightUpdateRatio,
     "overfit": Overfit,
     "rank_outlier": RankOutlier,
+    "training_stalled": TrainingStalled,
+    "agent_down": AgentDown,
+    "straggler": Straggler,
+    "throughput_drop": ThroughputDrop,
 }
 
 
@@ -252,6 +333,10 @@ class Rules(BaseModel):
     weight_update_ratio: WeightUpdateRatio = WeightUpdateRatio()
     overfit: Overfit = Overfit()
     rank_outlier: RankOutlier = RankOutlier()
+    training_stalled: TrainingStalled = TrainingStalled()
+    agent_down: AgentDown = AgentDown()
+    straggler: Straggler = Straggler()
+    throughput_drop: ThroughputDrop = ThroughputDrop()
 
 
 class PolicySpec(BaseModel):
@@ -266,6 +351,7 @@ class PolicySpec(BaseModel):
     lr_factor: float = Field(0.5, gt=0, lt=1, description="repeated exploding or NaN: scale the learning rate by this")
     repeat_window: PositiveDuration = 600
     min_lr_fraction: float = Field(0.1, gt=0, le=1, description="never scale the learning rate below this fraction of the original")
+    dump_stacks_on_stall: bool = Field(True, description="training_stalled: every rank writes its Python stacks to its log")
     max_commands: int = Field(5, ge=1, description="per job per rate_window")
     rate_window: PositiveDuration = 3600
 

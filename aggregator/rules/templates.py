@@ -3,7 +3,7 @@
 Prometheus expands annotations with Go's text/template; the aggregator and the in-process evaluator
 must produce the same text (promtool compares annotations byte for byte in the conformance test).
 Supported: `{{ $labels.name }}` (missing label: empty), `{{ $value | humanize }}`,
-`{{ $value | humanizePercentage }}`, `{{ printf "%.4g" $value }}` and `{{ if $labels.name }}...{{ end }}` (not nested). Anything else is
+`{{ $value | humanizePercentage }}`, `{{ $value | humanizeDuration }}`, `{{ printf "%.4g" $value }}` and `{{ if $labels.name }}...{{ end }}` (not nested). Anything else is
 rejected when a rule is compiled, not silently passed through.
 """
 
@@ -50,11 +50,42 @@ def humanize(value: float) -> str:
     return _go_g4(value) + prefix
 
 
+def humanize_duration(seconds: float) -> str:
+    """Prometheus's `humanizeDuration`: '1d 2h 3m 4s' down to whole seconds, then 4 significant
+    digits with an SI prefix below one second."""
+    v = seconds
+    if math.isnan(v) or math.isinf(v):
+        return _go_g4(v)
+    if v == 0:
+        return _go_g4(v) + "s"
+    if abs(v) >= 1:
+        sign = "-" if v < 0 else ""
+        v = abs(v)
+        whole = int(v)  # Go's int64(v): truncation
+        s, m, h, d = whole % 60, whole // 60 % 60, whole // 3600 % 24, whole // 86400
+        if d:
+            return f"{sign}{d}d {h}h {m}m {s}s"
+        if h:
+            return f"{sign}{h}h {m}m {s}s"
+        if m:
+            return f"{sign}{m}m {s}s"
+        return sign + _go_g4(v) + "s"
+    prefix = ""
+    for p in ("m", "u", "n", "p", "f", "a", "z", "y"):
+        if abs(v) >= 1:
+            break
+        prefix = p
+        v *= 1000
+    return _go_g4(v) + prefix + "s"
+
+
 def _evaluate(action: str, labels: Mapping[str, str], value: float) -> str:
     if action in ("$value | humanize", "humanize $value"):
         return humanize(value)
     if action == 'printf "%.4g" $value':
         return _go_g4(value)
+    if action in ("$value | humanizeDuration", "humanizeDuration $value"):
+        return humanize_duration(value)
     if action in ("$value | humanizePercentage", "humanizePercentage $value"):
         return _go_g4(value * 100) + "%"
     m = _LABEL.fullmatch(action)

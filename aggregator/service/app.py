@@ -3,6 +3,7 @@ The evaluation loop runs in a background thread for the app's lifetime."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -16,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..evaluate.engine import lookback_s
 from ..rules.compile import compile_rules
 from ..rules.specs import RuleSet
-from ..commands import Ack, Command, CommandSpec
+from ...wire.commands import Ack, Command, CommandSpec
 from .aggregator import Aggregator
 from .command_store import CommandStore
 from .clients import AlertmanagerClient, PrometheusClient, QuerySource
@@ -26,12 +27,18 @@ from .policy import Policy
 from .scrape import ScrapeSource
 from .store import AlertStore
 
+log = logging.getLogger("gradwatch.aggregator")
+
 
 def build_aggregator(settings: AggregatorSettings, ruleset: RuleSet, commands: CommandStore) -> Aggregator:
     external = settings.external_url or f"http://{settings.host}:{settings.port}"
     rules = compile_rules(ruleset)
     source: QuerySource
     if settings.scrape:  # no Prometheus: read the agents' /metrics directly, evaluate in process
+        for rule in rules:
+            if rule.needs_prometheus:
+                log.info("gradwatch aggregator: --scrape: rule %s is not evaluated: %s", rule.name, rule.needs_prometheus)
+        rules = [r for r in rules if not r.needs_prometheus]
         history = max([lookback_s(r.expr) for r in rules] + [ruleset.policy.clip_window])
         source = ScrapeSource([str(url) for url in settings.scrape], settings.timeout, history)
     else:

@@ -13,7 +13,7 @@ from typing import Optional
 
 from pydantic import TypeAdapter
 
-from ..commands import Ack, Command, CommandSpec
+from ...wire.commands import Ack, Command, CommandSpec
 from .store import connect
 
 SCHEMA = (

@@ -10,7 +10,8 @@ import logging
 import math
 from typing import Optional
 
-from ..commands import ScaleLr, SetClipNorm
+from ...wire import metric_names as names
+from ...wire.commands import DumpStacks, ScaleLr, SetClipNorm
 from ..evaluate.alerts import FIRING, Transition
 from ..rules.promql import Call, metric
 from ..rules.specs import PolicySpec
@@ -43,13 +44,15 @@ class Policy:
                 lower_lr = "nan_gradient fired"
             if lower_lr is not None:  # at most one LR cut per job per round
                 self._scale_lr(job, now, lower_lr)
+            if "training_stalled" in rules and self.spec.dump_stacks_on_stall:  # where it hangs, in every rank's log
+                self._issue(job, DumpStacks(reason="training_stalled: every rank writes its Python stacks"), "training_stalled", now)
 
     def _clip_applied_recently(self, job: str, now: float) -> bool:
         return any(c.source == "policy" and c.spec.kind == "set_clip_norm" and c.state == "acked"
                    and c.created_at >= now - self.spec.repeat_window for c in self.commands.commands(job))
 
     def _clip(self, job: str, now: float) -> None:
-        query = Call("quantile_over_time", metric("gradwatch_grad_norm", self.spec.clip_window, matchers=(("job", "=", job),)),
+        query = Call("quantile_over_time", metric(names.GRAD_NORM, self.spec.clip_window, matchers=(("job", "=", job),)),
                      self.spec.clip_quantile)
         try:
             values = [s.value for s in self.prometheus.query(query, now) if math.isfinite(s.value) and s.value > 0]

@@ -2,7 +2,8 @@
 
 Validated here (pydantic, so a bad command is a 422 and nothing is applied) and encoded as two
 exact float64 numbers so rank 0 can carry one to every rank inside the statistics all-reduce.
-Imports only pydantic: the agent uses it too.
+Imports only pydantic: the agent (which applies them) and the aggregator (which validates, stores and
+serves them) both import it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-KINDS = ("set_clip_norm", "scale_lr", "skip_steps", "halt", "reset")
+KINDS = ("set_clip_norm", "scale_lr", "skip_steps", "halt", "reset", "dump_stacks")
+# Applied at once by rank 0's command thread, never at a step: a stalled job takes no steps.
+OUT_OF_BAND = frozenset({"dump_stacks"})
 STATES = ("pending", "acked", "expired", "rejected")
 
 
@@ -66,7 +69,14 @@ class Reset(_Spec):
     kind: Literal["reset"] = "reset"
 
 
-CommandSpec = Annotated[Union[SetClipNorm, ScaleLr, SkipSteps, Halt, Reset], Field(discriminator="kind")]
+class DumpStacks(_Spec):
+    """Every rank writes the Python stacks of all its threads to its log (faulthandler), within one
+    heartbeat period: where a hung job waits. Changes nothing in the training."""
+
+    kind: Literal["dump_stacks"] = "dump_stacks"
+
+
+CommandSpec = Annotated[Union[SetClipNorm, ScaleLr, SkipSteps, Halt, Reset, DumpStacks], Field(discriminator="kind")]
 
 
 class Command(BaseModel):

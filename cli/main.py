@@ -9,6 +9,9 @@
     gradwatch dashboards push --grafana-url URL [--token T]   upload them to Grafana
     gradwatch run [--job J] [--auto-attach] [...] -- torchrun ... train.py   train with the agent configured
     gradwatch demo [--scenario exploding|vanishing|nan|dead-relu|healthy]   the main job: see docs/demo.md
+
+Imports only argparse, pydantic and the rule specs up front, so `gradwatch aggregator` runs without
+torch (the aggregator image); each sub-command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from typing import Optional, Sequence
 
 from pydantic import ValidationError
 
-from .rules import RuleFileError, export_text, load_rules
-from .rules.rulefile import FORMATS
+from ..aggregator.rules import RuleFileError, export_text, load_rules
+from ..aggregator.rules.rulefile import FORMATS
 
 
 def _rules_export(args: argparse.Namespace) -> int:
@@ -46,8 +49,8 @@ def _rules_check(args: argparse.Namespace) -> int:
 def _aggregator(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .service.app import create_app
-    from .service.config import AggregatorSettings
+    from ..aggregator.service.app import create_app
+    from ..aggregator.service.config import AggregatorSettings
 
     overrides = {k: v for k, v in vars(args).items() if k in AggregatorSettings.model_fields and v is not None}
     settings = AggregatorSettings(**overrides)
@@ -60,12 +63,10 @@ def _aggregator(args: argparse.Namespace) -> int:
 
 def _signal(args: argparse.Namespace) -> int:
     """Validate locally (a clear error before any request), then POST through the aggregator's API."""
-    import os
-
     import httpx
     from pydantic import TypeAdapter
 
-    from .commands import CommandSpec
+    from ..wire.commands import CommandSpec
 
     kind = args.kind.replace("-", "_")
     body: dict = {"kind": kind, "reason": args.reason or "", "ttl_s": args.ttl}
@@ -131,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
 
     sig = sub.add_parser("signal", help="send a remediation command to every rank of a job")
     sig.add_argument("--job", required=True)
-    sig.add_argument("kind", choices=["set-clip-norm", "scale-lr", "skip-steps", "halt", "reset"])
+    sig.add_argument("kind", choices=["set-clip-norm", "scale-lr", "skip-steps", "halt", "reset", "dump-stacks"])
     sig.add_argument("value", nargs="?", type=float, help="max norm, LR factor in (0, 1], or number of steps")
     sig.add_argument("--reason", help="kept in the audit log (required for halt)")
     sig.add_argument("--ttl", type=int, default=600, help="seconds before an unapplied command is dropped")
@@ -177,6 +178,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gradwatch: {exc.name or exc} is not installed: pip install 'gradwatch[{args.extra}]'", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
