@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .stats import StepStats
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -59,3 +61,15 @@ class Guard:
         delta = norm - self.mean
         self.mean += (1 - self.alpha) * delta
         self.var = self.alpha * (self.var + (1 - self.alpha) * delta * delta)
+
+
+def decide(guard: Optional[Guard], stats: Optional[StepStats], clip_norm: Optional[float]) -> Decision:
+    """Skip or clip this step, from its statistics: the guard's decision (mode guard), then a
+    set_clip_norm bound in force. `stats` is None when the step was not measured, or statistics are
+    off (fail-open: on every rank alike); an fp16 overflow is GradScaler's to skip, not the guard's."""
+    if stats is None or stats.extra.get("amp_overflow"):
+        return Decision()
+    decision = guard.decide(stats.grad_norm, stats.nonfinite) if guard is not None else Decision()
+    if not decision.skip and clip_norm is not None and stats.grad_norm > clip_norm:
+        decision = Decision(clip_to=min(decision.clip_to or math.inf, clip_norm), reason="command")
+    return decision

@@ -1,4 +1,10 @@
-"""`HealthAgent`: the one object a training script talks to.
+"""`HealthAgent`: the one object a training script talks to, and the wiring of the agent's pieces.
+
+Where each part lives: schedule.py (which steps are measured and combined), layout.py (who measures
+which tensor, and over which group), grad_stats.py and activations.py (the device work), packet.py
+(the collectives), stats.py (a step's record, from reduced values), guard.py (skip or clip),
+remediation.py (the commands in force), step_router.py (steps the framework calls), failopen.py (each
+feature fails alone), heartbeat.py, exporter.py and publisher.py (the outputs).
 
 `agent.step(optimizer, loss=loss)` replaces `optimizer.step()`. On a measured step it, in order:
   1. unscales AMP gradients (if a GradScaler is passed), so statistics are of true gradients;
@@ -31,49 +37,37 @@ same step and the collectives stay matched.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
-import types
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
-from ..wire.commands import decode, encode
 from .activations import ActivationMonitor, eligible
 from .closing import ClosingGroup
 from .config import AgentConfig
 from .exporter import AgentState, MetricsServer
+from .failopen import FailOpen
 from .grad_stats import GradStats
-from .guard import Decision, Guard
+from .guard import Decision, Guard, decide
 from .heartbeat import OPTIMIZER, Beat, Heartbeat, Progress, hook_phases, install_stack_signal
 from .layout import agree, decline
 from .packet import Combined, Counters, Entry, Packet, Reduce
 from .publisher import JsonlSink, Publisher
+from .remediation import HALT_EXIT_CODE, AppliedCommand, Remediation
 from .remote import CommandClient
-from .stats import (
-    RANK_FIELDS,
-    RANK_INDEX,
-    NanOrigin,
-    StepStats,
-    decode_activations,
-    decode_ranks,
-    find_nan_origin,
-)
+from .schedule import Schedule
+from .stats import RANK_FIELDS, RANK_INDEX, NanOrigin, StepStats, build_step_stats, find_nan_origin, rank_values
+from .step_router import needs_closure, raw_step, route
 from .topology import detect
 
 if TYPE_CHECKING:
     from .alerting import EmbeddedRules
 
 log = logging.getLogger("gradwatch.agent")
-
-# The most measured steps one combination holds (combine_seconds sets how many, up to this): bounds the
-# packets kept, and what a lone close() can drop.
-MAX_COMBINED = 16
-
 
 def _learning_rates(optimizer: torch.optim.Optimizer) -> list[Union[float, torch.Tensor]]:
     """Each group's learning rate as this step used it, without a host sync: a tensor (capturable and
@@ -87,24 +81,6 @@ def _learning_rates(optimizer: torch.optim.Optimizer) -> list[Union[float, torch
         except (TypeError, ValueError, RuntimeError):
             rates.append(math.nan)
     return rates
-
-
-def _scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):  # capturable/fused optimizers: keep it a tensor
-            group["lr"].mul_(factor)
-        else:
-            group["lr"] = group["lr"] * factor
-
-
-@dataclass(frozen=True)
-class AppliedCommand:
-    """A remediation command as this rank took it (every rank holds the same list)."""
-
-    step: int
-    kind: str
-    value: float
-    outcome: str  # "applied" | "rejected"
 
 
 _ATTACHED: "weakref.WeakKeyDictionary[Any, HealthAgent]" = weakref.WeakKeyDictionary()
@@ -124,7 +100,7 @@ def attached_agent(obj: Any) -> Optional["HealthAgent"]:
     return None
 
 
-HALT_EXIT_CODE = 86  # a `halt` command's exit: distinct from crashes (1) and signals (128+n)
+__all__ = ["HALT_EXIT_CODE", "AppliedCommand", "HealthAgent", "attached_agent"]
 
 Listener = Callable[[StepStats], None]
 
@@ -136,16 +112,6 @@ def _version() -> str:
         return version("gradwatch")
     except Exception:
         return "unknown"
-
-
-def _sqrt(value: float) -> float:
-    return math.sqrt(value) if value >= 0 else float("nan")
-
-
-def _ratio(update_sumsq: float, base_sumsq: float) -> float:
-    """||dw||/||w||; undefined (NaN) for an all-zero weight such as a freshly initialised bias, which
-    would otherwise read as an infinite ratio and page on the first step of every run."""
-    return math.sqrt(update_sumsq / base_sumsq) if base_sumsq > 0 else float("nan")
 
 
 @dataclass
@@ -196,28 +162,23 @@ class HealthAgent:
         self.last_stats: Optional[StepStats] = None
         self.nan_origin: Optional[NanOrigin] = None
         self._step = 0
-        self._enabled = {"stats": self.config.mode != "off"}
+        self.failopen = FailOpen(self.rank, self.state, stats_on=self.config.mode != "off")
         c = self.config
         self.guard = Guard(c.guard_alpha, c.guard_z_threshold, c.guard_warmup_steps, c.guard_max_norm) if c.mode == "guard" else None
-        self._clip_norm: Optional[float] = None  # set_clip_norm in force (identical on every rank)
-        self._lr_factor = 1.0  # product of scale_lr factors in force (reset divides it back out)
-        self._skip_left = 0  # skip_steps still to skip
+        self.schedule = Schedule(c.stats_every, c.activation_every if hooked else 0, c.update_ratio_every,
+                                 c.detail_every, c.combine_seconds, self.world_size)
+        self.remediation = Remediation(self.rank, self.state)  # the commands in force, identical on every rank
         self._packets: dict[tuple[tuple[Entry, ...], int], Packet] = {}  # (spec, place in the combination) -> packet
         self._window: list[_Measured] = []  # measured steps not yet combined (mode observe)
         self._combine = 1  # measured steps per combination: from reduced step times, so equal on every rank
-        self._arrived: list[list[float]] = []  # [seq, kind code, value] read from reduced packets, not yet applied
-        self._sent: dict[int, Any] = {}  # rank 0: seq -> Command put on the wire and not yet applied
-        self._seq = 0  # rank 0: the last command sequence number used
         self._on_halt = on_halt
-        self.commands_applied: list[AppliedCommand] = []  # every command taken from the wire, in order
         self._in_step = False  # re-entrancy: scaler.step() calls a wrapped optimizer's step
-        self._warned: set[str] = set()
         self._listeners: list[Listener] = []
         self._last_fill = (time.perf_counter(), 0)  # (when, step) of this rank's latest measured step
         self._closing: Optional[ClosingGroup] = None  # reads the steps still pending at close()
         self._failed_exit = False  # left `with agent:` on an exception: the job did not finish
         # made at the first measured step, where every rank meets (closing.py)
-        self._closing_due = self.world_size > 1 and self._enabled["stats"] and c.mode == "observe" and c.combine_seconds > 0
+        self._closing_due = self.world_size > 1 and self.failopen.on("stats") and c.mode == "observe" and c.combine_seconds > 0
 
         for obj in (model, getattr(model, "module", None), optimizer):
             if obj is not None:
@@ -238,34 +199,35 @@ class HealthAgent:
         self.metrics: Optional[MetricsServer] = None
         sinks: dict[str, Callable[[StepStats], None]] = {}
         self._jsonl: Optional[JsonlSink] = None
-        if self.rank == 0 and self._enabled["stats"]:
+        if self.rank == 0 and self.failopen.on("stats"):
             if self.config.metrics_port is not None:
                 try:
                     self.metrics = MetricsServer(self.state, self.config.metrics_port, self.config.metrics_addr)
                 except Exception as exc:  # the metrics endpoint alone: JSONL and listeners go on
-                    self._fail("metrics", exc)
+                    self.failopen.fail("metrics", exc)
             if self.config.jsonl_path is not None:
                 try:
                     self._jsonl = JsonlSink(self.config.jsonl_path)
                     sinks["jsonl"] = self._jsonl
                 except Exception as exc:
-                    self._fail("jsonl", exc)
-        self._publisher = Publisher(sinks, self._fail)
+                    self.failopen.fail("jsonl", exc)
+        self._publisher = Publisher(sinks, self.failopen.fail)
         self._progress = Progress()
         self._heartbeat: Optional[Heartbeat] = None
         self._phase_hooks: list[Any] = []
-        if self._enabled["stats"] and c.heartbeat_s > 0:
+        if self.failopen.on("stats") and c.heartbeat_s > 0:
             install_stack_signal()
             try:
                 self._phase_hooks = hook_phases(model, self._progress)
                 self._heartbeat = Heartbeat(c.job, self.rank, self.world_size, self._progress, c.heartbeat_s,
-                                            self._take_beats, lambda exc: self._fail("heartbeat", exc))
+                                            self._take_beats, lambda exc: self.failopen.fail("heartbeat", exc))
             except Exception as exc:
-                self._fail("heartbeat", exc)
+                self.failopen.fail("heartbeat", exc)
         self._remote: Optional[CommandClient] = None
-        if self.rank == 0 and self._enabled["stats"] and self.config.aggregator_url and self.config.aggregator_token:
+        if self.rank == 0 and self.failopen.on("stats") and self.config.aggregator_url and self.config.aggregator_token:
             self._remote = CommandClient(self.config.aggregator_url, self.config.aggregator_token.get_secret_value(),
                                          self.config.job, self.config.command_poll_s, out_of_band=self._out_of_band)
+            self.remediation.ack = self._ack
 
     @classmethod
     def from_env(cls, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, **settings: Any) -> "HealthAgent":
@@ -282,6 +244,16 @@ class HealthAgent:
     @property
     def metrics_port(self) -> Optional[int]:
         return self.metrics.port if self.metrics else None
+
+    @property
+    def commands_applied(self) -> list[AppliedCommand]:
+        """Every command taken from the wire, in order (every rank holds the same list)."""
+        return self.remediation.applied
+
+    @property
+    def stepping(self) -> bool:
+        """Inside `step`, taking the optimizer's real step (a GradScaler calls `optimizer.step`)."""
+        return self._in_step
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(stats)` for every measured step, on the publisher thread (rank 0)."""
@@ -301,57 +273,22 @@ class HealthAgent:
 
     def wrap(self, optimizer: Optional[torch.optim.Optimizer] = None,
              loss: Optional[Callable[[], Any]] = None) -> torch.optim.Optimizer:
-        """Route `optimizer.step(closure)` itself through the agent, for training loops the user does
-        not write (Lightning, the HF Trainer, `gradwatch run --auto-attach`). The closure, if any, runs
-        first (forward and backward, as `torch.optim` does) and its value is returned; the step's loss
-        is `loss()` if given (an adapter that gathered it over micro-batches), else the closure's
-        value. The call then measures, guards and steps exactly like `agent.step`; keyword arguments
-        of the step reach the optimizer's own step. Idempotent.
+        """Route `optimizer.step(closure)` itself through the agent (step_router.py), for training loops
+        the user does not write (Lightning, the HF Trainer, `gradwatch run --auto-attach`). The closure,
+        if any, runs first and its value is returned; the step's loss is `loss()` if given (an adapter
+        that gathered it over micro-batches), else the closure's value. The call then measures, guards
+        and steps exactly like `agent.step`; keyword arguments of the step reach the optimizer's own
+        step. Idempotent.
 
         An optimizer whose step requires a closure (LBFGS re-evaluates the loss inside its step) is
         returned unwrapped: its step cannot run once the closure has already been consumed."""
         optimizer = optimizer or self.optimizer
         if optimizer is None:
             raise TypeError("HealthAgent.wrap needs the optimizer (pass it here or to HealthAgent(...))")
-        if getattr(optimizer, "_gradwatch_original_step", None) is not None:
+        if needs_closure(optimizer):
+            self.failopen.warn_once("wrap-closure", "gradwatch: %s.step needs a closure; not measured", type(optimizer).__name__)
             return optimizer
-        original = optimizer.step
-        try:
-            closure_param = inspect.signature(original).parameters.get("closure")
-        except (TypeError, ValueError):  # no signature to read (a builtin): assume torch's contract
-            closure_param = None
-        if closure_param is not None and closure_param.default is inspect.Parameter.empty:
-            if "wrap-closure" not in self._warned:
-                self._warned.add("wrap-closure")
-                log.warning("gradwatch: %s.step needs a closure; not measured", type(optimizer).__name__)
-            return optimizer
-        call_kwargs: dict[str, Any] = {}  # this call's keyword arguments, for agent.step's raw step
-
-        def run_original() -> Any:
-            return original(**call_kwargs)
-
-        def step(_optimizer: Any, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
-            if self._in_step:  # GradScaler.step -> optimizer.step inside agent.step: the real step
-                return original(closure, **kwargs) if closure is not None else original(**kwargs)
-            returned = None
-            if closure is not None:
-                with torch.enable_grad():
-                    returned = closure()
-            value = loss() if loss is not None else returned
-            call_kwargs.update(kwargs)
-            try:
-                result = self.step(optimizer, loss=value if isinstance(value, (torch.Tensor, float, int)) else None)
-            finally:
-                call_kwargs.clear()
-            return returned if closure is not None else result
-
-        if getattr(original, "_wrapped_by_lr_sched", False):
-            # An LR scheduler's step counter sits below this one and still runs: keep its marker, or
-            # torch warns that optimizer.step was overridden after the scheduler was built.
-            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-        optimizer._gradwatch_original_step = run_original  # type: ignore[attr-defined]
-        # A bound method, as torch's own: an LR scheduler built later re-wraps `step.__func__`.
-        optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+        route(self, optimizer, loss)
         _ATTACHED[optimizer] = self
         return optimizer
 
@@ -373,23 +310,23 @@ class HealthAgent:
         step = self._step
         self._progress.enter(OPTIMIZER)
         self._apply_commands(step, optimizer)  # read with an earlier step's packet (mode observe)
-        measured = self._enabled["stats"] and self._measured(step)
+        measured = self.failopen.on("stats") and self.schedule.measured(
+            step, every_step=self._decides_from_stats() or self.remediation.skip_left > 0, activations=self._acts is not None)
         in_flight = self._measure(step, optimizer, loss, scaler) if measured else None
         if in_flight is not None and self._decides_from_stats():
             self._finish(in_flight)
             in_flight = None
             self._apply_commands(step, optimizer)  # read with this step's packet
         decision = self._decide(step)
-        if self._enabled["stats"] and self._update_snapshot_due(step):
-            self._guarded("stats", self._grads.take_snapshot)
+        if self.failopen.on("stats") and self.schedule.update_snapshot_due(step):
+            self.failopen.run("stats", self._grads.take_snapshot)
         if decision.clip_to is not None:
             self._clip(optimizer, decision.clip_to)
         result = None  # a skipped step leaves parameters and optimizer state (moments, step counts) untouched
         try:
             if not decision.skip:
                 self._in_step = True
-                raw = getattr(optimizer, "_gradwatch_original_step", None) or optimizer.step
-                result = scaler.step(optimizer) if scaler is not None else raw()
+                result = scaler.step(optimizer) if scaler is not None else raw_step(optimizer)()
         finally:
             self._in_step = False
             if in_flight is not None:  # observe mode: the reduction ran while the optimizer stepped
@@ -397,9 +334,9 @@ class HealthAgent:
         self._step += 1
         self._progress.completed(step)
         self.state.steps_total = self._step
-        if self._acts is not None and self._enabled["stats"]:
+        if self._acts is not None and self.failopen.on("stats"):
             acts = self._acts
-            if not self._guarded("activations", lambda: acts.begin_step(self._activation_due(self._step), reset_sentinel=measured)):
+            if not self.failopen.run("activations", lambda: acts.begin_step(self._activation_due(self._step), reset_sentinel=measured)):
                 acts.failed = RuntimeError("begin_step failed")  # reported in the next all-reduce
         return result
 
@@ -418,12 +355,8 @@ class HealthAgent:
 
         Across ranks the pending steps are read on a gloo group of the agent's own (closing.py): if
         not every rank closes within its timeout with the same steps pending, they are dropped (logged)."""
-        self._guarded("stats", self._close_window)
-        self._arrived = []
-        if self._remote is not None and self._sent:  # rank 0: put on the wire, never applied
-            for cmd in self._sent.values():
-                self._remote.ack(cmd.id, self._step, "rejected", "training ended before the command was applied")
-            self._sent = {}
+        self.failopen.run("stats", self._close_window)
+        self.remediation.close(self._step)
         self._closing_due = False
         if self._closing is not None:
             self._closing.destroy()
@@ -431,13 +364,13 @@ class HealthAgent:
         if self.metrics is not None and not self._failed_exit:
             with self.state.lock:
                 self.state.finished = True
-            self._guarded("metrics", self.metrics.await_scrape)
+            self.failopen.run("metrics", self.metrics.await_scrape)
         for handle in self._phase_hooks:
             handle.remove()
         self._phase_hooks = []
         for feature, part in (("heartbeat", self._heartbeat), ("commands", self._remote), ("publish", self._publisher), ("jsonl", self._jsonl), ("metrics", self.metrics), ("activations", self._acts)):
             if part is not None:
-                self._guarded(feature, part.close)
+                self.failopen.run(feature, part.close)
         self._jsonl, self.metrics, self._remote, self._heartbeat = None, None, None, None
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -448,7 +381,7 @@ class HealthAgent:
 
     def _close_window(self) -> None:
         window, self._window = self._window, []
-        if not window or not self._enabled["stats"] or self._closing is None:  # none: steps are never left pending
+        if not window or not self.failopen.on("stats") or self._closing is None:  # none: steps are never left pending
             return
         hosts = self._closing.read([m.packet for m in window], [m.step for m in window], self.world_size, self.counters)
         if hosts is not None:
@@ -464,10 +397,11 @@ class HealthAgent:
     # ---- the guard (mode "guard"): decisions from values every rank holds identically -----------
 
     def _decide(self, step: int) -> Decision:
-        """Skip or clip this step: from the guard, and from commands in force."""
-        decision = self._decide_measured(step)
-        if self._skip_left > 0 and not decision.skip:
-            self._skip_left -= 1
+        """Skip or clip this step: from the guard, and from commands in force (guard.py)."""
+        stats = self.last_stats
+        measured = stats if self.failopen.on("stats") and stats is not None and stats.step == step else None
+        decision = decide(self.guard, measured, self.remediation.clip_norm)
+        if not decision.skip and self.remediation.take_skip():
             decision = Decision(skip=True, reason="command")
         with self.state.lock:
             if self.guard is not None:
@@ -481,65 +415,29 @@ class HealthAgent:
             log.warning("gradwatch: skipped step %d on every rank (%s); parameters unchanged", step, why)
         return decision
 
-    def _decide_measured(self, step: int) -> Decision:
-        stats = self.last_stats
-        if not self._enabled["stats"] or stats is None or stats.step != step:
-            return Decision()  # not measured (statistics failed: fail-open, on every rank alike)
-        if stats.extra.get("amp_overflow"):
-            return Decision()  # GradScaler skips this step itself
-        decision = self.guard.decide(stats.grad_norm, stats.nonfinite) if self.guard is not None else Decision()
-        if not decision.skip and self._clip_norm is not None and stats.grad_norm > self._clip_norm:
-            decision = Decision(clip_to=min(decision.clip_to or math.inf, self._clip_norm), reason="command")
-        return decision
-
-    # ---- commands (the slow loop): applied from the reduced packet, identically on every rank -----
+    # ---- commands (the slow loop, remediation.py): applied from the reduced packet, on every rank alike
 
     def _apply_commands(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Every command read from a reduced packet and not yet applied: this step's when the packet was
         waited for before the optimizer's step (guard, clip in force), an earlier step's otherwise
         (applied before this step is measured, so a clip command clips this very step). Every rank
         reads the same packets at the same steps, so every rank applies them at the same step."""
-        arrived, self._arrived = self._arrived, []
-        for seq, code, value in arrived:
-            self._apply_command(step, optimizer, seq, code, value)
+        if self.remediation.pending:
+            halt = self.remediation.apply_arrived(step, optimizer)
+            if halt is not None:
+                self._halt(step, halt)
 
-    def _apply_command(self, step: int, optimizer: torch.optim.Optimizer, seq: float, code: float, value: float) -> None:
-        decoded = decode(code, value)
-        if decoded is None:
-            return
-        kind, value = decoded
-        cmd = self._sent.pop(int(seq), None) if self.rank == 0 else None
-        outcome, detail = "applied", ""
-        try:
-            if kind == "set_clip_norm":
-                self._clip_norm = value
-            elif kind == "scale_lr":
-                _scale_lr(optimizer, value)
-                self._lr_factor *= value
-            elif kind == "skip_steps":
-                self._skip_left = int(value)
-            elif kind == "reset":  # divide out rather than restore: a scheduler may have moved the LR since
-                _scale_lr(optimizer, 1.0 / self._lr_factor)
-                self._clip_norm, self._lr_factor, self._skip_left = None, 1.0, 0
-        except Exception as exc:  # the same on every rank: report, never kill the run
-            outcome, detail = "rejected", repr(exc)[:400]
-        if outcome == "applied":
-            with self.state.lock:
-                self.state.commands_applied_total[kind] = self.state.commands_applied_total.get(kind, 0) + 1
-        self.commands_applied.append(AppliedCommand(step, kind, value, outcome))
-        if self.rank == 0:
-            log.warning("gradwatch: command %s(%g) %s at step %d on every rank", kind, value, outcome, step)
-            if cmd is not None and self._remote is not None:
-                self._guarded("commands", lambda: self._remote.ack(cmd.id, step, outcome, detail))
-        if kind == "halt" and outcome == "applied":
-            self._halt(step, cmd.spec.reason if cmd is not None else "")
+    def _ack(self, command_id: str, step: int, outcome: str, detail: str) -> None:
+        remote = self._remote
+        if remote is not None:
+            self.failopen.run("commands", lambda: remote.ack(command_id, step, outcome, detail))
 
     def _halt(self, step: int, reason: str) -> None:
         """Every rank, the same step: the user's checkpoint callback, then a clean exit (HALT_EXIT_CODE)."""
         if self.rank == 0:
             log.error("gradwatch: halting at step %d on every rank: %s", step, reason)
         if self._remote is not None:  # the ack first: the callback may take long, and a relaunch must not halt again
-            self._guarded("commands", self._remote.close)
+            self.failopen.run("commands", self._remote.close)
             self._remote = None
         if self._on_halt is not None:
             try:
@@ -555,40 +453,22 @@ class HealthAgent:
         total = torch.full((), self.last_stats.grad_norm, device=self.topology.device)  # type: ignore[union-attr]
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
-    # ---- schedule: a function of the step counter only -------------------------------------------
+    # ---- schedule (schedule.py): functions of the step counter and of replicated state only ------
 
     def _activation_due(self, step: int) -> bool:
-        every = self.config.activation_every
-        return self._acts is not None and every > 0 and step % every == 0
-
-    def _update_snapshot_due(self, step: int) -> bool:
-        every = self.config.update_ratio_every
-        return every > 0 and step % every == 0
-
-    def _update_due(self, step: int) -> bool:
-        return step >= 1 and self._update_snapshot_due(step - 1)
+        return self._acts is not None and self.schedule.activation_due(step)
 
     def _decides_from_stats(self) -> bool:
         """The guard and a clip command in force decide from this step's reduced values, so they wait
         for them before the optimizer's step; otherwise the reduction overlaps the optimizer's step."""
-        return self.guard is not None or self._clip_norm is not None
-
-    def _measured(self, step: int) -> bool:
-        if self._decides_from_stats() or self._skip_left > 0:
-            return True  # skip/clip decisions need every step's reduced norm (and GradScaler its unscale_)
-        return step % self.config.stats_every == 0 or self._activation_due(step) or self._update_due(step)
-
-    def _detail_due(self, step: int) -> bool:
-        """Max-abs and weight norms ride on a measured step whose number is a multiple of detail_every;
-        they never add a measured step (a collective and a sync) of their own."""
-        return step % self.config.detail_every == 0
+        return self.guard is not None or self.remediation.clip_norm is not None
 
     # ---- measuring ----------------------------------------------------------------------------
 
     def _spec(self, step: int) -> list[Entry]:
         shared = Reduce.SUM if self.world_size > 1 else Reduce.LOCAL
         spec = [Entry("ranks", shared, self.world_size * len(RANK_FIELDS)), Entry("command", shared, 3)]
-        spec += self._grads.spec(with_detail=self._detail_due(step), with_update=self._update_due(step))
+        spec += self._grads.spec(with_detail=self.schedule.detail_due(step), with_update=self.schedule.update_due(step))
         if self._acts is not None:
             spec += self._acts.spec(self._activation_due(step))
         return spec
@@ -614,13 +494,13 @@ class HealthAgent:
         try:
             packet = self._packet(self._spec(step), len(self._window))
         except Exception as exc:
-            self._fail("stats", exc)
+            self.failopen.fail("stats", exc)
             self._window = []
             return None
         row = packet.slot("ranks").view(self.world_size, len(RANK_FIELDS))[self.rank]
-        stats_ok = scaler is None or self._guarded("stats", lambda: self._unscale(scaler, optimizer))
-        stats_ok = stats_ok and self._guarded("stats", lambda: self._fill_local(packet, row, loss, step))
-        acts_ok = self._acts is None or self._guarded("activations", lambda: self._fill_activations(packet, row))
+        stats_ok = scaler is None or self.failopen.run("stats", lambda: self._unscale(scaler, optimizer))
+        stats_ok = stats_ok and self.failopen.run("stats", lambda: self._fill_local(packet, row, loss, step))
+        acts_ok = self._acts is None or self.failopen.run("activations", lambda: self._fill_activations(packet, row))
         row[RANK_INDEX["error"]].fill_(float((not stats_ok) + 2 * (not acts_ok)))
         amp = scaler is not None and scaler.is_enabled()
         measured = _Measured(step, packet, amp, 0.0, time.time(), _learning_rates(optimizer))
@@ -633,7 +513,7 @@ class HealthAgent:
         try:
             combined = Combined([m.packet for m in window], None, self.world_size, self.counters)
         except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
-            self._fail("stats", exc)
+            self.failopen.fail("stats", exc)
             return None
         measured.seconds = time.perf_counter() - started
         return _InFlight(window, combined)
@@ -644,38 +524,23 @@ class HealthAgent:
         try:
             hosts = flight.combined.to_host(self.counters)
         except Exception as exc:  # a broken process group: nothing more can be matched, stop measuring
-            self._fail("stats", exc)
+            self.failopen.fail("stats", exc)
             return
         self._publish_all(flight.steps, hosts, time.perf_counter() - started)
-        self._combine = self._steps_to_combine(hosts)
-
-    def _steps_to_combine(self, hosts: list[dict[str, list[float]]]) -> int:
-        """How many measured steps the next combination holds: as many of the slowest step just read
-        (on its slowest rank) as fit in `combine_seconds`, and at most twice as many as were just read,
-        so one unrepresentative step (the first one timed from construction) cannot jump to 16. Reduced
-        values only, identical on every rank, so every rank combines the same steps."""
-        if self.world_size == 1 or self.config.combine_seconds == 0:
-            return 1
-        width, at = len(RANK_FIELDS), RANK_INDEX["step_seconds"]
-        pace = max(h["ranks"][r * width + at] for h in hosts for r in range(self.world_size)) * self.config.stats_every
-        if not pace > 0:
-            return 1
-        fit = min(self.config.combine_seconds / pace, MAX_COMBINED)
-        return max(1, min(2 * len(hosts), int(fit)))
+        self._combine = self.schedule.steps_to_combine(hosts)
 
     def _publish_all(self, steps: list[_Measured], hosts: list[dict[str, list[float]]], read_seconds: float) -> None:
         """Take the steps' commands and publish them in order; `read_seconds` was paid by the last."""
         for measured, host in zip(steps, hosts):
-            if not self._enabled["stats"]:
+            if not self.failopen.on("stats"):
                 break
-            if host["command"][0]:
-                self._arrived.append(host["command"])
+            self.remediation.arrive(host["command"])
             # agent_seconds: the agent's own time on the step, not the optimizer's or other steps'
             own = measured.seconds + (read_seconds if measured is steps[-1] else 0.0)
             # Decoding reads only values every rank holds identically, so if it fails it fails
             # everywhere, and every rank switches statistics off at the same step.
-            self._guarded("stats", lambda: self._publish(measured, host, time.perf_counter() - own), disable=True)
-        if not self._enabled["stats"]:
+            self.failopen.run("stats", lambda: self._publish(measured, host, time.perf_counter() - own), disable=True)
+        if not self.failopen.on("stats"):
             self._drop_activations()  # the same decision on every rank: stop paying for hooks
 
     def _drop_activations(self) -> None:
@@ -700,14 +565,7 @@ class HealthAgent:
         self._last_fill = (now, step)
         cmd = self._remote.take() if self._remote is not None else None
         if cmd is not None:  # rank 0 alone writes; the SUM gives every rank these exact values
-            self._seq += 1
-            seq = self._seq
-            self._sent[seq] = cmd
-            code, value = encode(cmd.spec)
-            slot = packet.slot("command")
-            slot[0].fill_(float(seq))
-            slot[1].fill_(code)
-            slot[2].fill_(value)
+            self.remediation.send(cmd, packet.slot("command"))
 
     def _fill_activations(self, packet: Packet, row: torch.Tensor) -> None:
         assert self._acts is not None
@@ -725,49 +583,28 @@ class HealthAgent:
 
     def _publish(self, measured: _Measured, host: dict[str, list[float]], started: float) -> None:
         step, amp = measured.step, measured.amp
-        slab = host["ranks"]
-        errors = [int(slab[r * len(RANK_FIELDS) + RANK_INDEX["error"]]) for r in range(self.world_size)]
+        errors = [int(e) for e in rank_values(host, self.world_size, "error")]
         if any(e & 1 for e in errors):
-            self._fail("stats", RuntimeError(f"statistics failed on rank(s) {[r for r, e in enumerate(errors) if e & 1]}"))
+            self.failopen.fail("stats", RuntimeError(f"statistics failed on rank(s) {[r for r, e in enumerate(errors) if e & 1]}"))
             return
         module_names = self._acts.names if self._acts is not None else ()
         if any(e & 2 for e in errors) and self._acts is not None:
-            self._fail("activations", RuntimeError(f"activation statistics failed on rank(s) {[r for r, e in enumerate(errors) if e & 2]}"))
+            self.failopen.fail("activations", RuntimeError(f"activation statistics failed on rank(s) {[r for r, e in enumerate(errors) if e & 2]}"))
             self._drop_activations()
             host = {k: v for k, v in host.items() if not k.startswith("act_")}
-        grad_sumsq = host["grad_sumsq"]
-        layer_nonfinite = [not math.isfinite(v) for v in grad_sumsq]
-        ranks = decode_ranks(slab, self.world_size, self.layout.nonfinite_per_rank(layer_nonfinite))
-        losses = [r.loss for r in ranks if r.loss is not None]
-        stats = StepStats(
-            step=step,
-            time=measured.time,
-            world_size=self.world_size,
-            layers=self.layers,
-            grad_norm=_sqrt(sum(grad_sumsq)),
-            layer_grad_norm=[_sqrt(v) for v in grad_sumsq],
-            layer_grad_nonfinite=layer_nonfinite,
-            learning_rates=[float(lr) for lr in measured.learning_rates],
-            ranks=ranks,
-            loss_mean=sum(losses) / len(losses) if losses else None,
-            loss_max=max(losses) if losses else None,
-        )
-        if "grad_max_abs" in host:
-            stats.layer_grad_max_abs = host["grad_max_abs"]
-            stats.layer_weight_norm = [_sqrt(v) for v in host["weight_sumsq"]]
-        if "update_sumsq" in host:
-            stats.update_step = step - 1
-            stats.layer_update_ratio = [_ratio(u, b) for u, b in zip(host["update_sumsq"], host["update_base_sumsq"])]
+        activations = None
         if self._acts is not None:
             if "act_units" in host:
                 self._acts.agree_units(host["act_units"])
-            if "act_acc" in host:
-                stats.activations = decode_activations(host, self._acts.names, self._acts.units)
+            activations = (self._acts.names, self._acts.units)
+        stats = build_step_stats(step, measured.time, host, self.layers, self.world_size,
+                                 [float(lr) for lr in measured.learning_rates], self.layout.nonfinite_per_rank, activations)
+        ranks = stats.ranks
         if amp and stats.nonfinite and not any(r.loss_nonfinite or r.nonfinite_modules for r in ranks):
             # fp16 overflow in the scaled gradients: routine, and GradScaler skips the step itself.
             stats.extra["amp_overflow"] = True
         elif stats.nonfinite and self.nan_origin is None:
-            first_bad = [int(slab[r * len(RANK_FIELDS) + RANK_INDEX["first_bad_module"]]) for r in range(self.world_size)]
+            first_bad = [int(v) for v in rank_values(host, self.world_size, "first_bad_module")]
             stats.nan_origin = find_nan_origin(stats, first_bad, module_names, self.layout.ranks_holding)
             self.nan_origin = stats.nan_origin
             if self.rank == 0 and stats.nan_origin is not None:
@@ -779,10 +616,10 @@ class HealthAgent:
             # Rank 0 alone, and each output on its own: the exporter's state, and the publisher that
             # feeds the JSONL file and the listeners (watch_rules), fail open separately; neither
             # touches "stats", which gates collectives.
-            if self._enabled.get("export", True):
-                self._guarded("export", lambda: self._record(stats), disable=True)
-            if self._enabled.get("publish", True):
-                self._guarded("publish", lambda: self._publisher.submit(stats), disable=True)
+            if self.failopen.on("export"):
+                self.failopen.run("export", lambda: self._record(stats), disable=True)
+            if self.failopen.on("publish"):
+                self.failopen.run("publish", lambda: self._publisher.submit(stats), disable=True)
 
     def _out_of_band(self, cmd: Any) -> tuple[int, str]:
         """dump_stacks, on the command thread (the training thread may be the one that hangs)."""
@@ -804,25 +641,3 @@ class HealthAgent:
             self.state.collectives_total = self.counters.collectives
             self.state.host_syncs_total = self.counters.host_syncs
         self.state.record(stats)
-
-    # ---- fail-open ----------------------------------------------------------------------------
-
-    def _guarded(self, feature: str, fn: Callable[[], None], disable: bool = False) -> bool:
-        """Run `fn`; on failure log once and count. Features that gate collectives are not disabled
-        here: the caller raises the rank's error flag so every rank disables them at the same step."""
-        try:
-            fn()
-            return True
-        except Exception as exc:
-            self._fail(feature, exc, disable=disable)
-            return False
-
-    def _fail(self, feature: str, exc: BaseException, disable: bool = True) -> None:
-        """Log a failure once per feature, count it, and (unless the caller coordinates) switch it off."""
-        with self.state.lock:
-            self.state.errors_total[feature] = self.state.errors_total.get(feature, 0) + 1
-        if disable:
-            self._enabled[feature] = False
-        if feature not in self._warned:
-            self._warned.add(feature)
-            log.error("gradwatch: %s failed on rank %d and is switched off; training goes on: %r", feature, self.rank, exc, exc_info=exc)

@@ -109,10 +109,6 @@ class StepStats:
         return asdict(self)
 
 
-def _sqrt(values: list[float]) -> list[float]:
-    return [math.sqrt(v) if v >= 0 else float("nan") for v in values]
-
-
 def decode_ranks(slab: list[float], world_size: int, nonfinite_layers: list[int]) -> list[RankStats]:
     """`nonfinite_layers`: per rank, from the reduced layer values and the layout (not in the slab)."""
     width = len(RANK_FIELDS)
@@ -181,3 +177,55 @@ def find_nan_origin(stats: StepStats, first_bad_module: list[int], module_names:
         # Backward runs from the output: the last layer in model order is where it entered.
         return NanOrigin(stats.step, "gradient", stats.layers[bad_layers[-1]], ranks_holding(bad_layers[-1]))
     return None
+
+
+def _root(value: float) -> float:
+    return math.sqrt(value) if value >= 0 else float("nan")
+
+
+def _ratio(update_sumsq: float, base_sumsq: float) -> float:
+    """||dw||/||w||; undefined (NaN) for an all-zero weight such as a freshly initialised bias, which
+    would otherwise read as an infinite ratio and page on the first step of every run."""
+    return math.sqrt(update_sumsq / base_sumsq) if base_sumsq > 0 else float("nan")
+
+
+def build_step_stats(step: int, time: float, host: dict[str, list[float]], layers: tuple[str, ...],
+                     world_size: int, learning_rates: list[float],
+                     nonfinite_per_rank: Callable[[list[bool]], list[int]],
+                     activations: Optional[tuple[tuple[str, ...], Optional[tuple[int, ...]]]] = None) -> StepStats:
+    """A step's record from its reduced packet (`host`: each entry's values, as every rank reads them).
+    `nonfinite_per_rank(layer_nonfinite)`: per rank, the non-finite layers it holds a piece of (the
+    layout's). `activations`: the hooked modules' names and unit counts, when activation values rode
+    on the step. Pure: the same host values give every rank the same record."""
+    grad_sumsq = host["grad_sumsq"]
+    layer_nonfinite = [not math.isfinite(v) for v in grad_sumsq]
+    ranks = decode_ranks(host["ranks"], world_size, nonfinite_per_rank(layer_nonfinite))
+    losses = [r.loss for r in ranks if r.loss is not None]
+    stats = StepStats(
+        step=step,
+        time=time,
+        world_size=world_size,
+        layers=layers,
+        grad_norm=_root(sum(grad_sumsq)),
+        layer_grad_norm=[_root(v) for v in grad_sumsq],
+        layer_grad_nonfinite=layer_nonfinite,
+        learning_rates=learning_rates,
+        ranks=ranks,
+        loss_mean=sum(losses) / len(losses) if losses else None,
+        loss_max=max(losses) if losses else None,
+    )
+    if "grad_max_abs" in host:
+        stats.layer_grad_max_abs = host["grad_max_abs"]
+        stats.layer_weight_norm = [_root(v) for v in host["weight_sumsq"]]
+    if "update_sumsq" in host:
+        stats.update_step = step - 1
+        stats.layer_update_ratio = [_ratio(u, b) for u, b in zip(host["update_sumsq"], host["update_base_sumsq"])]
+    if activations is not None and "act_acc" in host:
+        stats.activations = decode_activations(host, *activations)
+    return stats
+
+
+def rank_values(host: dict[str, list[float]], world_size: int, name: str) -> list[float]:
+    """One field of the per-rank slab, for every rank."""
+    width, at = len(RANK_FIELDS), RANK_INDEX[name]
+    return [host["ranks"][r * width + at] for r in range(world_size)]

@@ -87,9 +87,9 @@ def combining(p: dict) -> dict:
     first (which is read at once, before any pace is known); else every step read."""
     if "combine" not in p:
         return dict(combine_seconds=0)
-    from gradwatch.agent import health_agent
+    from gradwatch.agent import schedule
 
-    health_agent.MAX_COMBINED = p["combine"]
+    schedule.MAX_COMBINED = p["combine"]
     return dict(combine_seconds=600)
 
 
@@ -240,7 +240,7 @@ def acts_fail_then_nan(p: dict) -> dict:
         opt.zero_grad()
     agent.close()
     o = agent.nan_origin
-    return dict(stats_enabled=agent._enabled["stats"], activations_on=agent._acts is not None,
+    return dict(stats_enabled=agent.failopen.on("stats"), activations_on=agent._acts is not None,
                 last_step=agent.last_stats.step, errors=dict(agent.state.errors_total),
                 origin=None if o is None else dict(step=o.step, kind=o.kind, layer=o.layer, ranks=list(o.ranks)))
 
@@ -299,7 +299,7 @@ def failopen(p: dict) -> dict:
     flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(WORLD)]
     dist.all_gather(gathered, flat)
-    result = dict(steps=agent.step_count, stats_enabled=agent._enabled["stats"], activations_on=agent._acts is not None,
+    result = dict(steps=agent.step_count, stats_enabled=agent.failopen.on("stats"), activations_on=agent._acts is not None,
                   last_step=None if agent.last_stats is None else agent.last_stats.step,
                   errors=dict(agent.state.errors_total),
                   params_identical=all(torch.equal(gathered[0], t) for t in gathered))
@@ -840,7 +840,7 @@ def commands(p: dict) -> dict:
         agent.step(opt, loss=loss)
         step_seconds.append(time.perf_counter() - t0)
         opt.zero_grad()
-        history.append(dict(step=step, lr=opt.param_groups[0]["lr"], clip=agent._clip_norm,
+        history.append(dict(step=step, lr=opt.param_groups[0]["lr"], clip=agent.remediation.clip_norm,
                             skipped=agent.state.skipped_steps_total["command"], clipped=agent.state.clipped_steps_total))
         if step == 3:  # tells the test training is under way (start-up time varies with load)
             (Path(p["out"]) / f"training-rank{RANK}").write_text("")

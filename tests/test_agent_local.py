@@ -470,7 +470,7 @@ def test_skip_steps_with_a_grad_scaler_on_unmeasured_steps():
     snapshots = []
     for step in range(6):
         if step == 1:
-            agent._skip_left = 3  # what a skip_steps(3) command sets on every rank
+            agent.remediation.skip_left = 3  # what a skip_steps(3) command sets on every rank
         loss = model(torch.randn(8, 12)).pow(2).mean()
         scaler.scale(loss).backward()
         agent.step(opt, loss=loss, scaler=scaler)
@@ -595,7 +595,7 @@ def test_wrap_leaves_an_optimizer_that_needs_a_closure_unwrapped(caplog):
     original = opt.step
     with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
         assert agent.wrap() is opt and agent.wrap(opt) is opt
-    assert opt.step == original and getattr(opt, "_gradwatch_original_step", None) is None
+    assert opt.step == original and getattr(opt, "_gradwatch_raw_step", None) is None
     assert [r.getMessage() for r in caplog.records].count("gradwatch: LBFGS.step needs a closure; not measured") == 1
     x, y = torch.randn(32, 4), torch.randn(32, 1)
     closure = mse_closure(model, opt, x, y)
@@ -644,7 +644,7 @@ def test_learning_rates_that_are_none_or_tensors_are_read_without_failing():
     opt = _RelativeStepSGD(params)
     agent = HealthAgent(model, opt, metrics_port=None)
     train(agent, model, opt, 2)
-    assert agent.step_count == 2 and agent._enabled["stats"] and not any(agent.state.errors_total.values())
+    assert agent.step_count == 2 and agent.failopen.on("stats") and not any(agent.state.errors_total.values())
     assert len(agent.last_stats.learning_rates) == 1 and math.isnan(agent.last_stats.learning_rates[0])
     agent.close()
     # a tensor learning rate changed in place after the step: the step's own value is published

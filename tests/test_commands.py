@@ -222,7 +222,7 @@ def test_a_command_that_arrives_as_training_ends_is_acknowledged_not_applied(tmp
         agent = HealthAgent(model, opt, job="ending", metrics_port=None, aggregator_url=base,
                             aggregator_token=TOKEN, command_poll_s=0.05)
         deadline = time.monotonic() + 30
-        while not agent._arrived:  # until a step's packet brought it; the next step() would apply it
+        while not agent.remediation.pending:  # until a step's packet brought it; the next step() would apply it
             assert time.monotonic() < deadline, "the command never arrived"
             model(torch.randn(8, 4)).pow(2).mean().backward()
             agent.step(opt)

@@ -169,8 +169,6 @@ def test_fp16_accelerated_optimizer_overflow_and_guard_skip_keep_the_scaler_cons
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from gradwatch.agent.integrations.routing import route_step
-
     Accelerator(cpu=True)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
@@ -178,7 +176,7 @@ def test_fp16_accelerated_optimizer_overflow_and_guard_skip_keep_the_scaler_cons
     opt = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), scaler=scaler)
     agent = HealthAgent(model, opt, mode="guard", metrics_port=None, activation_every=0)
     losses: list[torch.Tensor] = []
-    route_step(agent, opt, lambda: losses.pop() if losses else None)
+    agent.wrap(opt, loss=lambda: losses.pop() if losses else None)
 
     def train_step(x: torch.Tensor) -> bool:
         before = [p.detach().clone() for p in model.parameters()]

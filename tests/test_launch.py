@@ -262,6 +262,6 @@ def test_auto_attach_closes_its_agent_when_the_agreement_fails(monkeypatch, caps
     assert len(ports) == 1 and ports[0]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", ports[0]), timeout=2).close()  # the port is free again
-    assert getattr(opt, "_gradwatch_original_step", None) is None and autoattach._state["agent"] is None
+    assert getattr(opt, "_gradwatch_raw_step", None) is None and autoattach._state["agent"] is None
     assert not any(m._forward_hooks for m in model.modules())
     assert "training goes on unmonitored on every rank" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_agent_imports_without_service_dependencies_or_frameworks():
     # the framework-free integrations (auto-attach, the launcher, step routing) need no framework either
     code = ("import sys, gradwatch.agent, gradwatch.agent.alerting\n"
             "import gradwatch.agent.integrations.autoattach, gradwatch.agent.integrations.launch\n"
-            "import gradwatch.agent.integrations.routing\n"
+            "import gradwatch.agent.integrations.adapters, gradwatch.agent.step_router\n"
             "from gradwatch.aggregator.evaluate import RuleEngine\nfrom gradwatch.aggregator.rules import RuleSet\n"
             "RuleEngine(RuleSet()).evaluate(0.0)\n"
             f"print(sorted(m for m in {sorted(service)!r} if m in sys.modules))")

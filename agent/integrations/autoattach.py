@@ -3,8 +3,8 @@
 Installed in each rank process by the launcher's sitecustomize. It patches, and only records:
   - `DistributedDataParallel.__init__`, FSDP1 `FullyShardedDataParallel.__init__` and FSDP2's
     `FSDPState.init` (what `fully_shard` calls): the wrapped modules, remembered weakly;
-  - `Tensor.backward` on a one-element tensor: the last loss, detached (no copy, no sync); the
-    unscaled one when it came from `GradScaler.scale`;
+  - `Tensor.backward` on a one-element tensor: its loss, detached (no copy, no sync), into the step's
+    loss window (adapters.py); the unscaled one when it came from `GradScaler.scale`;
   - one global optimizer step pre-hook. At the first optimizer step of the process it picks the
     remembered module that holds most of that optimizer's parameters, attaches
     `HealthAgent.from_env(model, optimizer)` and routes later `optimizer.step()` calls through it.
@@ -15,8 +15,9 @@ the agent could be built - is agreed in a single all-reduce, once, so either eve
 or none does (if that all-reduce itself fails, none does, and the agent built is closed). A script that made its own `HealthAgent` is left alone (`attached_agent`).
 
 Limits: the first optimizer step is taken before the agent exists and is not measured; the loss
-is the last `backward()` of the step (the last micro-batch under gradient accumulation), and is
-missing when the script calls `torch.autograd.backward` directly; one model and optimizer pair.
+is the mean over the step's one-element `backward()` calls (its micro-batches under gradient
+accumulation, as the script scaled them), and is missing when the script calls
+`torch.autograd.backward` directly; one model and optimizer pair.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ import torch
 import torch.distributed as dist
 
 from ..health_agent import HealthAgent, attached_agent
-from .routing import route_step
+from .adapters import LossWindow, OnceLogger
 
 log = logging.getLogger("gradwatch.agent")
 
 _models: list["weakref.ref[torch.nn.Module]"] = []
-_loss: Optional[torch.Tensor] = None
+_losses = LossWindow(OnceLogger("auto-attach"))  # the one-element backward() calls since the last step
 _state: dict[str, Any] = {"installed": False, "decided": False, "hook": None, "agent": None}
 
 
@@ -96,10 +97,9 @@ def _patch_wrappers() -> None:
 
 def _patch_loss_capture() -> None:
     def capture(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        global _loss
         if tensor.numel() == 1:  # metadata only: no sync
             unscaled = getattr(tensor, "_gradwatch_unscaled", None)
-            _loss = unscaled if unscaled is not None else tensor.detach()
+            _losses.add(unscaled if unscaled is not None else tensor)
 
     _after(torch.Tensor, "backward", capture)
     original = torch.amp.GradScaler.scale
@@ -133,12 +133,6 @@ def install() -> None:
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     _state["hook"] = register_optimizer_step_pre_hook(_on_first_step)
-
-
-def _take_loss() -> Optional[torch.Tensor]:
-    global _loss
-    loss, _loss = _loss, None
-    return loss
 
 
 def _on_first_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -209,7 +203,8 @@ def _decide(optimizer: torch.optim.Optimizer) -> None:
         _say("auto-attach failed on some rank; training goes on unmonitored on every rank")
         return
     assert agent is not None
-    route_step(agent, optimizer, _loss_and_unhook)
+    _losses.clear()  # the step just taken, before the agent existed, is not measured
+    agent.wrap(optimizer, loss=_loss_and_unhook)
     _state["agent"] = agent
     atexit.register(agent.close)
     port = f", metrics on port {agent.metrics_port}" if agent.metrics_port else ""
@@ -223,4 +218,4 @@ def _loss_and_unhook() -> Optional[torch.Tensor]:
     hook = _state.pop("hook", None)
     if hook is not None:
         hook.remove()
-    return _take_loss()
+    return _losses.take()

@@ -2,13 +2,13 @@
 
 Design: the agent owns the optimizer step. At `on_train_begin` the Trainer has built and prepared
 its optimizer (accelerate's `AcceleratedOptimizer`); the callback routes that object's `step()`
-through the agent (`routing.route_step`). The Trainer clips gradients (`max_grad_norm`, which also
+through the agent (`HealthAgent.wrap`, step_router.py). The Trainer clips gradients (`max_grad_norm`, which also
 unscales fp16 gradients), calls `on_pre_optimizer_step`, then `optimizer.step()`: there the agent
 measures, decides (guard: skip a non-finite step on every rank, clip a spike) and calls the
 `AcceleratedOptimizer.step` it replaced - or does not. Routing the outer object, not the torch
 optimizer inside it, keeps accelerate's GradScaler handling intact (it swaps the inner `step`);
 under fp16 an overflow is GradScaler's own skip, and a step the agent skips still updates the
-scaler (`routing.route_step`).
+scaler (step_router.py).
 
 Callbacks are not given the loss, so the callback reads it where the Trainer gets it: the `loss`
 of the model's output, from a forward hook, for every training micro-batch (grad enabled). The step's
@@ -33,7 +33,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..config import AgentConfig
 from ..health_agent import HealthAgent, attached_agent
-from .routing import OnceLogger, route_step
+from .adapters import LossWindow, OnceLogger
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -49,10 +49,10 @@ class GradwatchCallback(TrainerCallback):
         self.agent: Optional[HealthAgent] = None
         self._owned = False
         self._hook: Any = None
-        self._losses: list[torch.Tensor] = []
         self._per_item = False  # the model normalised by num_items_in_batch: micro-batch losses add up
         self._loss_scale = 1
         self._fail = OnceLogger("hf")
+        self._losses = LossWindow(self._fail)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Optional[torch.nn.Module] = None, optimizer: Any = None, **kwargs: Any) -> None:
@@ -74,7 +74,7 @@ class GradwatchCallback(TrainerCallback):
                 return
         averaged = args.average_tokens_across_devices and args.world_size > 1
         self._loss_scale = args.world_size if averaged else 1
-        self._losses = []
+        self._losses.clear()
         self.agent = HealthAgent(model, optimizer, config=self.config)
         self._owned = True
         if args.max_grad_norm and args.max_grad_norm > 0:
@@ -82,7 +82,7 @@ class GradwatchCallback(TrainerCallback):
                         "gradwatch measures clipped norms; for raw norms set max_grad_norm=0 and let the guard "
                         "clip (mode='guard', guard_max_norm=...)", args.max_grad_norm)
         self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
-        route_step(self.agent, optimizer, self._step_loss)
+        self.agent.wrap(optimizer, loss=self._step_loss)
 
     def _read_loss(self, module: torch.nn.Module, args: Any, kwargs: dict, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -90,21 +90,13 @@ class GradwatchCallback(TrainerCallback):
         try:
             loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
             if isinstance(loss, torch.Tensor):
-                self._losses.append(loss.detach().float().reshape(-1).mean())
                 self._per_item = kwargs.get("num_items_in_batch") is not None
+                self._losses.add(loss, self._loss_scale if self._per_item else 1)
         except Exception as exc:
             self._fail("reading the loss", exc)
 
     def _step_loss(self) -> Optional[torch.Tensor]:
-        losses, self._losses = self._losses, []
-        if not losses:
-            return None
-        try:
-            stacked = torch.stack(losses)
-            return stacked.sum() * self._loss_scale if self._per_item else stacked
-        except Exception as exc:
-            self._fail("reading the loss", exc)
-            return None
+        return self._losses.take(summed=self._per_item)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._detach_hook()

@@ -3,7 +3,7 @@
 Design: the agent owns the optimizer step. Under automatic optimization Lightning's precision plugin
 calls the raw optimizer's `step(closure)`, and the closure runs training_step, backward, the
 `on_before_optimizer_step` hooks and Lightning's gradient clipping. The callback routes that
-`step` through the agent (`routing.route_step`), so right after `on_before_optimizer_step` the
+`step` through the agent (`HealthAgent.wrap`, step_router.py), so right after `on_before_optimizer_step` the
 agent measures the final gradients, decides (guard: skip a non-finite step on every rank, clip a
 spike) and steps - or does not. The same holds for:
 - gradient accumulation: the accumulating micro-batches run their closures outside the step; the
@@ -29,7 +29,7 @@ import torch
 
 from ..config import AgentConfig
 from ..health_agent import HealthAgent, attached_agent
-from .routing import OnceLogger, route_step
+from .adapters import LossWindow, OnceLogger
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -44,9 +44,9 @@ class GradwatchCallback(pl.Callback):
         self.config = AgentConfig(**{**base, **settings})  # raises here, naming the field
         self.agent: Optional[HealthAgent] = None
         self._owned = False  # we built the agent (and route the step): we close it
-        self._losses: list[torch.Tensor] = []
         self._scaler: Any = None
         self._fail = OnceLogger("lightning")
+        self._losses = LossWindow(self._fail)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         try:
@@ -69,45 +69,37 @@ class GradwatchCallback(pl.Callback):
             raise RuntimeError("the LightningModule configured no optimizer: nothing to measure")
         if len(optimizers) > 1:
             log.warning("gradwatch: %d optimizers; gradwatch follows the first only", len(optimizers))
-        self._losses, self._scaler = [], getattr(trainer.precision_plugin, "scaler", None)
+        self._losses.clear()
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.agent = HealthAgent(model, optimizers[0], config=self.config)
         self._owned = True
         if trainer.gradient_clip_val:
             log.warning("gradwatch: Lightning clips gradients (gradient_clip_val=%g) before the optimizer step, so "
                         "gradwatch measures clipped norms; for raw norms drop it and let the guard clip "
                         "(mode='guard', guard_max_norm=...)", trainer.gradient_clip_val)
-        route_step(self.agent, optimizers[0], self._step_loss)
+        self.agent.wrap(optimizers[0], loss=self._step_loss)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # A new accumulation window. Losses the routed step did not take are dropped here: under
         # 16-mixed, GradScaler skips an overflowing step without calling it.
         if pl_module.automatic_optimization and batch_idx % max(trainer.accumulate_grad_batches, 1) == 0:
-            self._losses = []
+            self._losses.clear()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if not self._owned:
             return
-        try:
-            value = loss.detach()
-            if pl_module.automatic_optimization:  # Lightning divided it by the accumulation count
-                value = value * trainer.accumulate_grad_batches
-            self._losses.append(value.float().reshape(-1).mean())
-        except Exception as exc:
-            self._fail("reading the loss", exc)
+        # Under automatic optimization Lightning divided the loss by the accumulation count.
+        self._losses.add(loss, trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1)
 
     def _step_loss(self) -> Optional[torch.Tensor]:
         """The mean loss of the step's micro-batches (unscaled under AMP), or None."""
-        losses, self._losses = self._losses, []
-        if not losses:
-            return None
-        try:
-            loss = torch.stack(losses)
-            if self._scaler is not None and self._scaler.is_enabled():  # on_before_backward saw loss * scale
-                loss = loss / self._scaler.get_scale()  # a host read; AMP's own step reads found_inf anyway
-            return loss
-        except Exception as exc:
-            self._fail("reading the loss", exc)
-            return None
+        return self._losses.take(divisor=self._loss_scale)
+
+    def _loss_scale(self) -> float:
+        """What on_before_backward's losses were multiplied by: AMP's scale (a host read; AMP's own step
+        reads found_inf anyway), else 1."""
+        scaler = self._scaler
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
