@@ -2,7 +2,8 @@
 # Both build a virtual environment from scratch on a fresh machine; CI pins torch to the CPU build.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SOURCES := $(shell find agent aggregator demo dashboards wire cli -name '*.py' -o -name '*.yaml' -o -name '*.json' | grep -v __pycache__) pyproject.toml constraints.txt
+SOURCES := $(shell find agent aggregator demo dashboards wire cli -name '*.py' -o -name '*.yaml' -o -name '*.json' | grep -v __pycache__) \
+	deploy/__init__.py deploy/prometheus/prometheus.yml deploy/alertmanager/alertmanager.yml pyproject.toml constraints.txt
 
 # Real Prometheus and Alertmanager for the tests, from Debian's packages.
 PROM_TOOLS := /usr/bin/prometheus /usr/bin/promtool /usr/bin/prometheus-alertmanager /usr/bin/amtool

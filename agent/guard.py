@@ -4,7 +4,7 @@ Decisions read only the step's decoded statistics, which every rank holds identi
 of the same all-reduce), plus this object's state, which every rank updates from those same values.
 So every rank skips or clips the same step with no extra collective.
 
-Adaptive clipping follows ZClip's design (shared/ANCHORS.md): an exponential moving mean and
+Adaptive clipping follows ZClip's design (Kumar et al., 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"): an exponential moving mean and
 variance of the global gradient norm; after a warm-up, a norm whose z-score exceeds `z_threshold`
 is clipped to `mean + z_threshold**2 * std / z` (the larger the spike, the tighter the bound), and
 the statistics are updated with the clipped value so one spike does not drag the baseline up.

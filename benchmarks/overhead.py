@@ -42,8 +42,16 @@ The configurations:
   compiled+act/10  ... with activation statistics every 10 steps, the hooks traced into the graph
                  (DDP only: FSDP2 is compiled per block, which this benchmark does not do)
 
+A regression check against another version of gradwatch (an earlier commit), side by side in one
+run: install it apart under another name, then name its configurations (`grad@previous`,
+`guard@previous`: `grad` and `guard` run by that version's agent):
+
+    git worktree add /tmp/prev <commit> && .venv/bin/pip install -q --no-deps --target /tmp/prev-site /tmp/prev
+    mv /tmp/prev-site/gradwatch /tmp/prev-site/gradwatch_previous   # its imports inside are relative
+    .venv/bin/python benchmarks/overhead.py --previous /tmp/prev-site --configs baseline control grad grad@previous ...
+
 Head to head: each gradwatch configuration against the peer at its coverage (`grad` against
-`peer-loop`), block by block within the same cycle: the median of (agent's block - peer's block) in
+`peer-loop`), and against the previous version's (`grad@previous`, `guard@previous`), block by block within the same cycle: the median of (agent's block - peer's block) in
 wall ms/step, CPU ms/step and monitor ms/step, with a distribution-free 95% confidence interval for
 that median (order statistics of the paired differences). "less" when the interval lies below zero,
 "more" when above, "tie" when it holds zero: whether the measurement can tell the two apart.
@@ -62,6 +70,7 @@ recompiles and graph breaks (DDP's own forward graph-breaks, agent or not).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -80,7 +89,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 CONFIGS = ("baseline", "control", "grad", "grad+act/10", "everything", "guard", "peer-loop", "peer-wandb",
-           "compiled-baseline", "compiled", "compiled+act/10")
+           "compiled-baseline", "compiled", "compiled+act/10", "grad@previous", "guard@previous")
 COMPILED = ("compiled-baseline", "compiled", "compiled+act/10")
 
 
@@ -88,8 +97,10 @@ def paired_with(config: str) -> str:
     """The baseline a configuration's blocks are paired with: a compiled model's is the compiled model."""
     return "compiled-baseline" if config in COMPILED else "baseline"
 
-# A gradwatch configuration and the peer measured at its coverage, compared block by block.
-HEAD_TO_HEAD = (("grad", "peer-loop"),)
+# A gradwatch configuration and the peer measured at its coverage, compared block by block; and this
+# checkout's agent against the `--previous` one's, configuration for configuration.
+HEAD_TO_HEAD = (("grad", "peer-loop"), ("grad", "grad@previous"), ("guard", "guard@previous"))
+PREVIOUS = "@previous"  # a configuration run by the agent of `--previous`, imported as `gradwatch_previous`
 WORLD = 2  # ranks: --world
 TWO_D = ("hsdp", "fsdp2+tp")  # the 2 x 2 mesh layouts
 
@@ -187,8 +198,8 @@ class Runner:
     """A model, optimizer and monitor for one configuration; `step()` is one training step."""
 
     def __init__(self, config: str, model_name: str, wrap: str, tmp: str, compile_backend: str = "inductor") -> None:
-        from gradwatch.agent import HealthAgent
-
+        HealthAgent = importlib.import_module("gradwatch_previous.agent" if config.endswith(PREVIOUS) else "gradwatch.agent").HealthAgent
+        config = config.removesuffix(PREVIOUS)
         self.config, self.model_name = config, model_name
         self.model = build(model_name, wrap, compile_backend if config in COMPILED else None)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -246,7 +257,7 @@ class Runner:
         self.step_no += 1
 
     def hand_written_monitor(self, loss: torch.Tensor) -> dict:
-        """The seeds' per-parameter loop, at the coverage of `grad` on this rank's data: gradient L2
+        """A typical hand-written per-parameter loop, at the coverage of `grad` on this rank's data: gradient L2
         norms and the loss every step, gradient max-abs and weight norms every 10 steps; each value
         read with `.item()` (a sync on a GPU). It has no cross-rank view (the agent's all-reduce)."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
@@ -422,6 +433,8 @@ def head_to_head(agent: list[Sample], peer: list[Sample]) -> dict:
 def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.world))
     os.environ.setdefault("WANDB_SILENT", "true")
+    if args.previous:
+        sys.path.insert(0, args.previous)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     tmp = tempfile.mkdtemp(prefix="gradwatch-bench-")
@@ -497,7 +510,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled configurations")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--previous", metavar="DIR", help="a folder holding another gradwatch as `gradwatch_previous` (see the "
+                   "module's docstring): the @previous configurations run its agent, side by side with this one")
     args = p.parse_args(argv)
+    if any(c.endswith(PREVIOUS) for c in args.configs) != bool(args.previous):
+        p.error("the @previous configurations and --previous go together")
     if any(w in TWO_D for w in args.wraps) and args.world != 4:
         p.error(f"{', '.join(TWO_D)} need --world 4 (a 2 x 2 mesh)")
     if "baseline" not in args.configs:

@@ -1,4 +1,4 @@
-"""The pictures the seeds draw by hand, from a demo run: loss and global gradient norm over steps
+"""The pictures people draw by hand when a run goes wrong, from a demo run: loss and global gradient norm over steps
 with alerts and commands marked, and a layer x step heatmap of per-layer gradient norms (the
 vanishing-gradient picture: early layers dark, late layers bright)."""
 

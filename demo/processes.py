@@ -16,28 +16,45 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 class Child:
-    """A started process with its log file and an optional readiness URL."""
+    """A process with its log file and an optional readiness URL; `start` launches it. Used by the demo
+    (through `Children`) and by the tests, so both run their servers the same way."""
 
-    def __init__(self, name: str, cmd: Sequence[str], log: Path, env: Optional[dict[str, str]] = None) -> None:
-        self.name = name
-        self.log_path = log
-        self._log = log.open("ab")
-        self.proc = subprocess.Popen(list(cmd), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+    def __init__(self, name: str, cmd: Sequence[str], log: Path, env: Optional[dict[str, str]] = None,
+                 url: Optional[str] = None, ready_url: Optional[str] = None) -> None:
+        self.name, self.cmd, self.log_path, self.env = name, list(cmd), log, env
+        self.url, self.ready_url = url, ready_url  # a server's base URL, and the URL that answers 200 once it serves
+        self.proc: Optional[subprocess.Popen] = None
+        self._log: Any = None
+
+    def start(self, timeout: float = 30.0) -> "Child":
+        """Launch in a session of its own; with a readiness URL, return once it answers 200 (else
+        stop it and raise, with its log)."""
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(self.env or {})}, start_new_session=True)
+        if self.ready_url is not None:
+            try:
+                self.wait_ready(self.ready_url, timeout)
+            except Exception:
+                self.stop()
+                raise
+        return self
 
     @property
     def pid(self) -> int:
+        assert self.proc is not None, f"{self.name} was not started"
         return self.proc.pid
 
     def poll(self) -> Optional[int]:
-        return self.proc.poll()
+        return self.proc.poll() if self.proc is not None else None
 
     def wait_ready(self, url: str, timeout: float = 30.0) -> None:
         """Poll `url` until it answers 200; a child that exits first, or a timeout, is an error with its log."""
+        assert self.proc is not None, f"{self.name} was not started"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -51,15 +68,26 @@ class Child:
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} not ready at {url} after {timeout:.0f} s:\n{self.tail()}")
 
-    def tail(self, lines: int = 20) -> str:
+    def log(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL to the child alone (a crash, as tests need one); `stop` still cleans up after it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM to the child's process group, then SIGKILL after `grace` seconds - and SIGKILL to
         any descendant still alive: torchrun starts each rank in a session of its own, outside the group."""
+        if self.proc is None:
+            return
         descendants = _descendants(self.proc.pid)
         if self.proc.poll() is None:
             _signal_group(self.proc.pid, signal.SIGTERM)
@@ -74,7 +102,9 @@ class Child:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 def _descendants(root: int) -> list[int]:
@@ -113,10 +143,10 @@ class Children:
         self._started: list[Child] = []
         atexit.register(self.stop_all)
 
-    def start(self, name: str, cmd: Sequence[str], log: Path, env: Optional[dict[str, str]] = None) -> Child:
-        child = Child(name, cmd, log, env)
+    def start(self, child: Child, timeout: float = 30.0) -> Child:
+        """Start `child` (and wait for its readiness URL, if any); it is stopped with the others."""
         self._started.append(child)
-        return child
+        return child.start(timeout)
 
     def stop_all(self) -> None:
         """Stop every child; a second Ctrl-C meanwhile does not cut the shutdown short."""

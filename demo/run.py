@@ -28,7 +28,7 @@ from . import plots, stack as stack_mod
 from .catalog import DESCRIPTIONS, EXPECTED_ALERTS
 from .events import EventReader
 from .live import View
-from .processes import Children, Interrupted, raise_on_termination
+from .processes import Child, Children, Interrupted, raise_on_termination
 from .summary import RunLog, Summary, by_alertname, finite, where
 
 POLL_S = 0.25
@@ -104,8 +104,8 @@ def run(options: Options, console: Optional[Console] = None,
                    "--seconds-per-step", str(options.seconds_per_step), "--events", str(events), "--job", job,
                    "--metrics-port", str(metrics_port)]
             cmd += ["--aggregator-url", stack.aggregator_url, "--linger", "2"]
-            training = children.start("training job", cmd, workdir / "train.log",
-                                       env={"OMP_NUM_THREADS": "1", "GRADWATCH_AGGREGATOR_TOKEN": stack.token})
+            training = children.start(Child("training job", cmd, workdir / "train.log",
+                                            env={"OMP_NUM_THREADS": "1", "GRADWATCH_AGGREGATOR_TOKEN": stack.token}))
             where = (f"full stack: Prometheus {stack.prometheus_url}, aggregator {stack.aggregator_url}" if stack.full
                      else f"embedded: guard + aggregator {stack.aggregator_url} reading rank 0 directly") + f"; logs in {workdir}"
             console.print(f"[bold]{options.scenario}[/]: {DESCRIPTIONS[options.scenario]}")

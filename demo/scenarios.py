@@ -1,4 +1,4 @@
-"""The demo's fault scenarios: the seeds' networks, each failing the way its seed describes.
+"""The demo's fault scenarios: small networks, each failing the way the textbook case does.
 
 Every scenario is deterministic (fixed seeds, a fixed global batch per step, each rank taking its
 slice), so two runs of the demo tell the same story.
@@ -25,7 +25,7 @@ class Setup:
 
 
 def regression_data(n_samples: int = 1000, n_features: int = 10, noise: float = 0.1, seed: int = 42) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed 003's data, built like scikit-learn's make_regression: standard-normal features, an
+    """The exploding scenario's data, built like scikit-learn's make_regression: standard-normal features, an
     unscaled target whose coefficients are uniform in [0, 100) (so |y| reaches the hundreds)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_samples, n_features, generator=g)
@@ -34,8 +34,8 @@ def regression_data(n_samples: int = 1000, n_features: int = 10, noise: float = 
     return x, y
 
 
-def seed003_model() -> nn.Sequential:
-    """Seed 003's regressor: Linear(10, 15), ReLU, Linear(15, 1), seeded."""
+def unscaled_regression_model() -> nn.Sequential:
+    """The exploding scenario's regressor: Linear(10, 15), ReLU, Linear(15, 1), seeded."""
     torch.manual_seed(11)
     model = nn.Sequential()
     model.add_module("fc1", nn.Linear(10, 15))
@@ -45,7 +45,7 @@ def seed003_model() -> nn.Sequential:
 
 
 def sigmoid_stack(depth: int = 10, width: int = 50) -> nn.Sequential:
-    """Seed 001: Linear+Sigmoid blocks with N(0, 1) weights (too large: the sigmoids saturate)."""
+    """The vanishing scenario: Linear+Sigmoid blocks with N(0, 1) weights (too large: the sigmoids saturate)."""
     net = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Sigmoid()) for _ in range(depth)])
     for module in net.modules():
         if isinstance(module, nn.Linear):
@@ -69,7 +69,7 @@ def build(name: str) -> Setup:
     g = torch.Generator().manual_seed(0)
     if name == "exploding":
         x, y = regression_data()
-        return Setup(seed003_model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.01), x, y)
+        return Setup(unscaled_regression_model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.01), x, y)
     if name == "vanishing":
         model = sigmoid_stack(depth=30)
         x, y = torch.randn(256, 50, generator=g), torch.rand(256, 50, generator=g)

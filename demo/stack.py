@@ -3,8 +3,9 @@ the aggregator, Alertmanager routing critical alerts to a pager and the rest to 
 evaluating gradwatch's rules and sending commands, and a webhook receiver standing in for the pager
 and the chat room (it records what a human would have been sent).
 
-Everything listens on loopback on free ports, with configs written to the demo's work directory; the
-processes are `Children`, so they are stopped with the demo.
+Everything listens on loopback on free ports, with configs derived from deploy/'s (shipped in the package
+as `gradwatch.deploy`) and written to the demo's work directory; the processes are `Children`, so they
+are stopped with the demo. The tests start their servers with the same builders.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from importlib.resources import files
+from typing import Any, Optional, Sequence
 
 import yaml
 
 from ..aggregator.rules import export_text, load_rules
-from .processes import Children
+from .processes import Child, Children
 
 INSTALL_HINT = "sudo apt-get install -y prometheus prometheus-alertmanager"
 
@@ -97,45 +99,71 @@ class Stack:
             self.pager.close()
 
 
-def prometheus_config(rule_file: Path, metrics_port: int, aggregator_port: int) -> dict:
-    return {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(rule_file)],
-        "scrape_configs": [
-            # The agent labels every series with the training job's name: keep it (honor_labels).
-            {"job_name": "gradwatch-agents", "honor_labels": True, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
-            {"job_name": "gradwatch-aggregator", "static_configs": [{"targets": [f"127.0.0.1:{aggregator_port}"]}]},
-        ],
-    }
+def deploy_config(name: str) -> dict:
+    """One of deploy/'s configs as shipped in the package (`prometheus/prometheus.yml`, `alertmanager/alertmanager.yml`):
+    the demo and the tests run what users deploy, changed only where a loopback run must differ."""
+    return yaml.safe_load((files("gradwatch.deploy") / name).read_text(encoding="utf-8"))
+
+
+def prometheus_config(rule_file: Path, agent_targets: Sequence[str], aggregator_target: Optional[str] = None) -> dict:
+    """deploy/prometheus/prometheus.yml with 1 s scrape and evaluation, the given rank-0 targets, and the
+    aggregator's own metrics when `aggregator_target` is given; its other jobs (file discovery) dropped."""
+    config = deploy_config("prometheus/prometheus.yml")
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(rule_file)]
+    jobs = {c["job_name"]: c for c in config["scrape_configs"]}
+    config["scrape_configs"] = [{**jobs["gradwatch-agents"], "static_configs": [{"targets": list(agent_targets)}]}]
+    if aggregator_target is not None:
+        config["scrape_configs"].append({**jobs["gradwatch-aggregator"], "static_configs": [{"targets": [aggregator_target]}]})
+    return config
 
 
 def alertmanager_config(pager_url: str) -> dict:
-    """deploy/alertmanager's routing (critical pages, the rest goes to chat) with second-scale grouping."""
-    hook = lambda name: {"name": name, "webhook_configs": [{"url": f"{pager_url}/{name}", "send_resolved": True}]}  # noqa: E731
-    return {
-        "route": {
-            "receiver": "training-chat", "group_by": ["alertname", "job"],
-            "group_wait": "0s", "group_interval": "1s", "repeat_interval": "1h",
-            "routes": [{"receiver": "training-pager", "matchers": ['severity="critical"']}],
-        },
-        "receivers": [hook("training-pager"), hook("training-chat")],
-    }
+    """deploy/alertmanager/alertmanager.yml (its routes, receivers and inhibitions) with every webhook
+    pointed at `pager_url`/<receiver name> and second-scale grouping, so nobody waits minutes for a page."""
+    config = deploy_config("alertmanager/alertmanager.yml")
+    config["route"].update(group_wait="0s", group_interval="1s", repeat_interval="1h")
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            hook["url"] = f"{pager_url.rstrip('/')}/{receiver['name']}"
+    return config
 
 
-def _aggregator(children: Children, workdir: Path, rules: Path, port: int, token: str, source: list[str]) -> None:
-    children.start("aggregator", [
-        sys.executable, "-m", "gradwatch.cli", "aggregator", "--rules", str(rules), *source,
-        "--state", str(workdir / "aggregator.sqlite"), "--port", str(port),
-        "--eval-interval", "1s", "--resend-interval", "5s", "--max-backoff", "2s",
-    ], workdir / "aggregator.log", env={"GRADWATCH_AGGREGATOR_TOKEN": token}).wait_ready(f"http://127.0.0.1:{port}/healthz")
+def prometheus_child(binary: str, config: Path, data: Path, port: int, log: Path) -> Child:
+    url = f"http://127.0.0.1:{port}"
+    return Child("prometheus", [
+        binary, f"--config.file={config}", f"--storage.tsdb.path={data}", f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ], log, url=url, ready_url=f"{url}/-/ready")
+
+
+def alertmanager_child(binary: str, config: Path, data: Path, port: int, log: Path) -> Child:
+    url = f"http://127.0.0.1:{port}"
+    return Child("alertmanager", [
+        binary, f"--config.file={config}", f"--storage.path={data}", f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=", "--log.level=warn",
+    ], log, url=url, ready_url=f"{url}/-/ready")
+
+
+def aggregator_child(source: Sequence[str], state: Path, port: int, log: Path, rules: Optional[Path] = None,
+                     token: Optional[str] = None) -> Child:
+    """`gradwatch aggregator` reading `source` (--prometheus-url/--alertmanager-url, or --scrape), with
+    second-scale evaluation and retries."""
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "gradwatch.cli", "aggregator", *source, "--state", str(state), "--port", str(port),
+           "--eval-interval", "1s", "--resend-interval", "5s", "--max-backoff", "2s"]
+    if rules is not None:
+        cmd += ["--rules", str(rules)]
+    return Child("aggregator", cmd, log, env={"GRADWATCH_AGGREGATOR_TOKEN": token} if token else None,
+                 url=url, ready_url=f"{url}/healthz")
 
 
 def start_embedded(children: Children, workdir: Path, rules: Path, metrics_port: int) -> Stack:
     """No Prometheus: the aggregator reads rank 0's /metrics itself (`--scrape`), evaluates the same
     rules in process and sends the same commands; no Alertmanager, so nothing is paged."""
     port, token = free_port(), secrets.token_urlsafe(24)
-    _aggregator(children, workdir, rules, port, token,
-                ["--scrape", f"http://127.0.0.1:{metrics_port}/metrics", "--alertmanager-url", "none"])
+    children.start(aggregator_child(["--scrape", f"http://127.0.0.1:{metrics_port}/metrics", "--alertmanager-url", "none"],
+                                    workdir / "aggregator.sqlite", port, workdir / "aggregator.log", rules, token))
     return Stack(f"http://127.0.0.1:{port}", token)
 
 
@@ -146,20 +174,15 @@ def start(children: Children, workdir: Path, binaries: tuple[str, str], rules: P
     pager = Pager()
     rule_file = workdir / "gradwatch.rules.yml"
     rule_file.write_text(export_text(load_rules(rules)), encoding="utf-8")
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(rule_file, metrics_port, agg_port)))
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(
+        prometheus_config(rule_file, [f"127.0.0.1:{metrics_port}"], f"127.0.0.1:{agg_port}")))
     (workdir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(pager.url)))
     stack = Stack(f"http://127.0.0.1:{agg_port}", secrets.token_urlsafe(24), f"http://127.0.0.1:{prom_port}",
                   f"http://127.0.0.1:{am_port}", pager)
-    am = children.start("alertmanager", [
-        alertmanager_bin, f"--config.file={workdir / 'alertmanager.yml'}", f"--storage.path={workdir / 'alertmanager'}",
-        f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=", "--log.level=warn",
-    ], workdir / "alertmanager.log")
-    prom = children.start("prometheus", [
-        prometheus_bin, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'prometheus'}",
-        f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn",
-    ], workdir / "prometheus.log")
-    am.wait_ready(f"{stack.alertmanager_url}/-/ready")
-    prom.wait_ready(f"{stack.prometheus_url}/-/ready")
-    _aggregator(children, workdir, rules, agg_port, stack.token,
-                ["--prometheus-url", str(stack.prometheus_url), "--alertmanager-url", str(stack.alertmanager_url)])
+    children.start(alertmanager_child(alertmanager_bin, workdir / "alertmanager.yml", workdir / "alertmanager", am_port,
+                                      workdir / "alertmanager.log"))
+    children.start(prometheus_child(prometheus_bin, workdir / "prometheus.yml", workdir / "prometheus", prom_port,
+                                    workdir / "prometheus.log"))
+    children.start(aggregator_child(["--prometheus-url", str(stack.prometheus_url), "--alertmanager-url", str(stack.alertmanager_url)],
+                                    workdir / "aggregator.sqlite", agg_port, workdir / "aggregator.log", rules, stack.token))
     return stack

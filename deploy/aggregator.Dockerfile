@@ -12,6 +12,7 @@ COPY demo demo
 COPY dashboards dashboards
 COPY wire wire
 COPY cli cli
+COPY deploy deploy
 RUN pip install --no-cache-dir "/src[aggregator]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin gradwatch \
     && mkdir -p /var/lib/gradwatch && chown 10001 /var/lib/gradwatch

@@ -1,6 +1,6 @@
 """A real DDP training job with the gradwatch agent attached.
 
-    torchrun --nproc-per-node 2 examples/train_ddp.py            # seed 003: diverges, NaN origin named
+    torchrun --nproc-per-node 2 examples/train_ddp.py            # diverges, NaN origin named
     torchrun --nproc-per-node 2 examples/train_ddp.py --healthy  # standardised target: trains fine
     python examples/train_ddp.py                                 # one process works too
 
@@ -25,7 +25,7 @@ from gradwatch.agent import HealthAgent
 
 
 def regression_data(n_samples: int = 1000, n_features: int = 10, seed: int = 42) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_regression-style data: the target is unscaled (|y| in the hundreds), as in seed 003."""
+    """make_regression-style data: the target is unscaled (|y| in the hundreds), so plain SGD diverges."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_samples, n_features, generator=g)
     y = x @ (100 * torch.rand(n_features, 1, generator=g)) + 0.1 * torch.randn(n_samples, 1, generator=g)
@@ -34,7 +34,7 @@ def regression_data(n_samples: int = 1000, n_features: int = 10, seed: int = 42)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--healthy", action="store_true", help="standardise the target (the seed's fix)")
+    parser.add_argument("--healthy", action="store_true", help="standardise the target (the fix)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--out", default="out")

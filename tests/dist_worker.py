@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gradwatch.agent import HealthAgent
 import time
 
-from training_fixtures import dead_and_saturated, mixed_mlp, regression_data, seed003_model, sigmoid_stack
+from training_fixtures import dead_and_saturated, mixed_mlp, regression_data, unscaled_regression_model, sigmoid_stack
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -157,12 +157,12 @@ def reference(p: dict) -> dict:
                 syncs=agent.counters.host_syncs, sharding=agent.topology.sharding)
 
 
-def seed003(p: dict) -> dict:
-    """Seed 003: unscaled regression target, SGD lr 0.01: diverges to NaN within two epochs."""
+def unscaled_regression(p: dict) -> dict:
+    """Unscaled regression target, SGD lr 0.01: diverges to NaN within two epochs."""
     x, y = regression_data()
-    model = wrap(seed003_model(), "ddp")
+    model = wrap(unscaled_regression_model(), "ddp")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    agent = HealthAgent(model, opt, job="seed003", metrics_port=None)
+    agent = HealthAgent(model, opt, job="unscaled-regression", metrics_port=None)
     first_bad_step, step = None, 0
     g = torch.Generator().manual_seed(0)
     for _epoch in range(2):
@@ -690,9 +690,9 @@ def alerting(p: dict) -> dict:
     for a real Prometheus. kind: healthy | nan | exploding | vanishing. Returns when the fault began."""
     kind, pace = p["kind"], p["seconds_per_step"]
     torch.manual_seed(0)
-    if kind == "exploding":  # seed 003: unscaled regression target, SGD lr 0.01
-        model, (x_all, y_all), lr = seed003_model(), regression_data(), 0.01
-    elif kind == "vanishing":  # seed 001's sigmoid stack, N(0,1) init, deep enough to vanish 100x
+    if kind == "exploding":  # unscaled regression target, SGD lr 0.01
+        model, (x_all, y_all), lr = unscaled_regression_model(), regression_data(), 0.01
+    elif kind == "vanishing":  # the sigmoid stack, N(0,1) init, deep enough to vanish 100x
         model, lr = sigmoid_stack(depth=30), 1e-3
         g = torch.Generator().manual_seed(0)
         x_all, y_all = torch.randn(256, 50, generator=g), torch.rand(256, 50, generator=g)
@@ -849,7 +849,7 @@ def commands(p: dict) -> dict:
     return dict(history=history, final=_digest(model.parameters()), step_seconds=step_seconds)
 
 
-SCENARIOS = {f.__name__: f for f in (reference, seed003, nan_inject, acts_fail_then_nan, prometheus, failopen, frozen_unused, replicated_fault, lone_close, activations, compiled, alerting, guard, commands, pipeline, experts, stall)}
+SCENARIOS = {f.__name__: f for f in (reference, unscaled_regression, nan_inject, acts_fail_then_nan, prometheus, failopen, frozen_unused, replicated_fault, lone_close, activations, compiled, alerting, guard, commands, pipeline, experts, stall)}
 
 
 def main() -> None:

@@ -168,9 +168,9 @@ def test_gradient_accumulation_reports_per_optimizer_step(run_ranks):
         assert_close(s["agent_grad"], s["ref_grad"], f"accumulated step {s['step']}")
 
 
-def test_seed003_exploding_regression_reports_step_and_layer(run_ranks):
-    r0, r1 = run_ranks("seed003", 2)
-    assert r0["first_bad_step"] is not None, "seed 003 did not diverge: the scenario no longer reproduces"
+def test_exploding_regression_reports_step_and_layer(run_ranks):
+    r0, r1 = run_ranks("unscaled_regression", 2)
+    assert r0["first_bad_step"] is not None, "the unscaled regression did not diverge: the scenario no longer reproduces"
     origin = r0["origin"]
     assert origin is not None
     assert origin["step"] == r0["first_bad_step"]

@@ -1,4 +1,4 @@
-"""The agent in one process: configuration, layer plans, seeds, AMP, the no-sync rule, sinks."""
+"""The agent in one process: configuration, layer plans, the textbook faults, AMP, the no-sync rule, sinks."""
 
 from __future__ import annotations
 
@@ -85,10 +85,10 @@ def test_no_trainable_parameters_is_a_clear_error():
         HealthAgent(model, None, metrics_port=None)
 
 
-# ---- the seeds -----------------------------------------------------------------------------------
+# ---- the textbook faults -----------------------------------------------------------------------------------
 
 
-def test_seed001_sigmoid_stack_first_layer_gradient_far_below_last():
+def test_sigmoid_stack_first_layer_gradient_far_below_last():
     torch.manual_seed(0)
     net = sigmoid_stack()
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
@@ -108,7 +108,7 @@ def test_seed001_sigmoid_stack_first_layer_gradient_far_below_last():
     assert st.layers == tuple(str(i) for i in range(10))
     first, last = st.layer_grad_norm[0], st.layer_grad_norm[-1]
     assert first == pytest.approx(ref_first, rel=1e-5) and last == pytest.approx(ref_last, rel=1e-5)
-    # The seed's own network gives about an order of magnitude here (median 10x over 20 seeds), not 100x.
+    # This network gives about an order of magnitude here (median 10x over 20 seeds), not 100x.
     assert last / first > 3
     # saturation: the fraction of each sigmoid's inputs beyond smdebug's (-23, 16.99999) limits
     ratios = dict(zip(st.activations.modules, st.activations.saturated_ratio))
@@ -407,14 +407,14 @@ def test_activation_std_is_precise_for_a_large_mean():
 
 
 def test_embedded_rules_raise_alerts_in_process_with_layer_labels():
-    """The in-process evaluator over the agent's own series (no Prometheus): seed 003's regression
+    """The in-process evaluator over the agent's own series (no Prometheus): the unscaled regression
     explodes, then goes NaN; both alerts fire, each naming where."""
     from gradwatch.aggregator.rules import parse_rules
-    from training_fixtures import regression_data, seed003_model
+    from training_fixtures import regression_data, unscaled_regression_model
 
     rules = parse_rules("interval: 1s\nrules:\n  exploding_gradient: {window: 30s, for: 0s}\n  nan_gradient: {window: 10s}\n")
     x, y = regression_data()
-    model = seed003_model()
+    model = unscaled_regression_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     agent = HealthAgent(model, opt, job="embedded", metrics_port=None, activation_every=1)
     seen = []

@@ -61,7 +61,7 @@ def test_alert_is_delivered_listed_and_resolved(tmp_path: Path, stack):
     target, pager, rules = stack
     prom, am = prometheus(tmp_path, [target.address]), alertmanager(tmp_path, pager.url)
     with running(prom, am):
-        agg = aggregator(tmp_path, prom.ready_url.rsplit("/-/", 1)[0], am.ready_url.rsplit("/-/", 1)[0], rules, tmp_path / "state.db")
+        agg = aggregator(tmp_path, prom.url, am.url, rules, tmp_path / "state.db")
         with running(agg):
             wait_for(lambda: metric(agg.url, "gradwatch_aggregator_evaluations_total") >= 3, 30, "evaluations")
             assert pager.alerts() == []  # healthy: nothing pages
@@ -87,7 +87,7 @@ def test_restart_keeps_open_alerts_and_delivers_what_it_owed(tmp_path: Path, sta
     prom, am = prometheus(tmp_path, [target.address]), alertmanager(tmp_path, pager.url)
     state, port = tmp_path / "state.db", free_port()
     with running(prom, am):
-        urls = (prom.ready_url.rsplit("/-/", 1)[0], am.ready_url.rsplit("/-/", 1)[0])
+        urls = (prom.url, am.url)
         first = aggregator(tmp_path, *urls, rules, state, port=port)
         with running(first):
             target.nonfinite.labels("svc", "1").set(4)

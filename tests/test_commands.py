@@ -167,8 +167,8 @@ def test_halt_checkpoints_and_exits_with_a_distinct_code_on_every_rank(tmp_path:
 
 
 @pytest.mark.multiproc
-def test_seed003_explosion_is_fixed_without_a_human(tmp_path: Path, capsys):
-    """Seed 003 (unscaled target, SGD lr 0.01) goes NaN at step ~11 untouched. With the loop closed -
+def test_exploding_regression_is_fixed_without_a_human(tmp_path: Path, capsys):
+    """The unscaled regression (unscaled target, SGD lr 0.01) goes NaN at step ~11 untouched. With the loop closed -
     agent -> Prometheus -> aggregator rules -> policy -> command -> every rank - it trains to the end
     with a finite loss, and the audit log says which alert fired and which command fixed it, when.
     The first 16 steps take 2 s each so the loop (1 s scrape, 1 s evaluation, 0.2 s poll) can act
@@ -182,13 +182,13 @@ def test_seed003_explosion_is_fixed_without_a_human(tmp_path: Path, capsys):
     pager = Pager()
     prom, am = prometheus(tmp_path, [f"127.0.0.1:{metrics_port}"]), alertmanager(tmp_path, pager.url)
     with running(prom, am):
-        agg = aggregator(tmp_path, prom.ready_url.rsplit("/-/", 1)[0], am.ready_url.rsplit("/-/", 1)[0], rules,
+        agg = aggregator(tmp_path, prom.url, am.url, rules,
                          tmp_path / "state.db", port=port, token=TOKEN)
         with running(agg):
-            ranks = launch("alerting", 2, tmp_path / "job", timeout=300, kind="exploding", job="seed003", port=metrics_port,
+            ranks = launch("alerting", 2, tmp_path / "job", timeout=300, kind="exploding", job="unscaled-regression", port=metrics_port,
                            steps=60, seconds_per_step=2.0, slow_steps=16, fast_pace=0.25, url=base, token=TOKEN)
-            events = call(f"{base}/api/v1/audit?job=seed003")[1]["events"]
-            commands = {c["id"]: c for c in call(f"{base}/api/v1/commands?job=seed003")[1]["commands"]}
+            events = call(f"{base}/api/v1/audit?job=unscaled-regression")[1]["events"]
+            commands = {c["id"]: c for c in call(f"{base}/api/v1/commands?job=unscaled-regression")[1]["commands"]}
     pager.close()
     losses = ranks[0]["losses"]
     assert all(l == l and l != float("inf") for l in losses), losses  # finite to the end
@@ -200,8 +200,8 @@ def test_seed003_explosion_is_fixed_without_a_human(tmp_path: Path, capsys):
         print()
         for alert, c in fixes:
             value = {k: v for k, v in c["spec"].items() if k in ("max_norm", "factor")}
-            print(f"seed003: {alert} fired -> policy sent {c['spec']['kind']} {value} -> applied on every rank at step {c['acked_step']}")
-        print(f"seed003: loss {losses[0]:.4g} at step 0, {max(losses):.4g} at worst, {losses[-1]:.4g} at step {len(losses) - 1}; "
+            print(f"unscaled regression: {alert} fired -> policy sent {c['spec']['kind']} {value} -> applied on every rank at step {c['acked_step']}")
+        print(f"unscaled regression: loss {losses[0]:.4g} at step 0, {max(losses):.4g} at worst, {losses[-1]:.4g} at step {len(losses) - 1}; "
               f"never non-finite (untouched, it is NaN by step 11)")
 
 

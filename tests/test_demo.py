@@ -98,7 +98,7 @@ def test_each_scenario_raises_what_it_should_and_nothing_when_healthy(tmp_path: 
 
 @pytest.mark.multiproc
 def test_full_stack_pages_a_human_and_the_loop_fixes_the_exploding_run(tmp_path: Path):
-    """Seed 003 on the full stack: Prometheus scrapes rank 0, the aggregator fires, Alertmanager pages
+    """The exploding scenario on the full stack: Prometheus scrapes rank 0, the aggregator fires, Alertmanager pages
     (critical -> the pager receiver), the policy clips on every rank (and halves the LR if exploding
     fires again after the clip), and the run ends finite."""
     require("prometheus")

@@ -27,8 +27,9 @@ from gradwatch.cli import main as gradwatch_main
 from gradwatch.aggregator.rules import RuleSet
 from gradwatch.aggregator.rules.rulefile import export_text
 from gradwatch.aggregator.service.config import AggregatorSettings
+from gradwatch.demo import stack
+from gradwatch.demo.processes import Child
 from promtool_cases import require
-from servers import Process
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -361,8 +362,8 @@ def test_aggregator_starts_with_the_deployments_environment(tmp_path):
                GRADWATCH_AGGREGATOR_ALERTMANAGER_URL=f"http://127.0.0.1:{free_port()}")
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-c", IMAGE_LAUNCHER, ",".join(not_in_image()), "aggregator"]
-    proc = Process("aggregator", command, tmp_path / "aggregator.log",
-                   base + container["readinessProbe"]["httpGet"]["path"], env=env).start()
+    proc = Child("aggregator", command, tmp_path / "aggregator.log", env=env,
+                 ready_url=base + container["readinessProbe"]["httpGet"]["path"]).start()
     try:
         path = one("ServiceMonitor", "gradwatch-aggregator")["spec"]["endpoints"][0]["path"]
         with urllib.request.urlopen(base + path, timeout=5) as r:
@@ -582,3 +583,38 @@ def test_image_compose_and_kubernetes_agree_on_port_user_state_and_name():
     assert container["image"] == SERVICES["aggregator"]["image"]
     build = SERVICES["aggregator"]["build"]
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+
+
+def test_the_demo_and_the_tests_run_deploys_configs_changed_only_for_loopback(tmp_path):
+    """The demo's and the tests' Prometheus and Alertmanager configs are built from the installed copy
+    of deploy/'s files: same scrape settings, routes, receivers and inhibitions; only the targets,
+    the webhook URLs and the timings differ. amtool and promtool accept the results."""
+    from importlib.resources import files
+
+    for name in ("prometheus/prometheus.yml", "alertmanager/alertmanager.yml"):
+        shipped = (files("gradwatch.deploy") / name).read_text(encoding="utf-8")
+        assert shipped == (DEPLOY / name).read_text(encoding="utf-8"), f"the installed {name} is stale: reinstall"
+
+    deployed = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
+    loopback = stack.alertmanager_config("http://127.0.0.1:9/")
+    assert loopback["inhibit_rules"] == deployed["inhibit_rules"]
+    strip = lambda route: {k: v for k, v in route.items() if k not in ("group_wait", "group_interval", "repeat_interval")}  # noqa: E731
+    assert strip(loopback["route"]) == strip(deployed["route"])
+    assert [r["name"] for r in loopback["receivers"]] == [r["name"] for r in deployed["receivers"]]
+    hooks = [h["url"] for r in loopback["receivers"] for h in r.get("webhook_configs", [])]
+    assert hooks == ["http://127.0.0.1:9/training-pager", "http://127.0.0.1:9/training-chat"]
+
+    deployed = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    loopback = stack.prometheus_config(RULE_FILE, ["127.0.0.1:1"], "127.0.0.1:2")
+    jobs = {c["job_name"]: c for c in deployed["scrape_configs"]}
+    for job in loopback["scrape_configs"]:
+        assert {k: v for k, v in job.items() if k != "static_configs"} == \
+            {k: v for k, v in jobs[job["job_name"]].items() if k != "static_configs"}
+    assert [j["job_name"] for j in loopback["scrape_configs"]] == ["gradwatch-agents", "gradwatch-aggregator"]
+
+    (tmp_path / "am.yml").write_text(yaml.safe_dump(stack.alertmanager_config("http://127.0.0.1:9")))
+    (tmp_path / "prom.yml").write_text(yaml.safe_dump(loopback))
+    for cmd in ([require("amtool"), "check-config", str(tmp_path / "am.yml")],
+                [require("promtool"), "check", "config", str(tmp_path / "prom.yml")]):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr

@@ -1,5 +1,5 @@
 """End to end, all real processes: four 2-rank gloo training jobs with the agent (NaN injected on one
-rank, seed 003's exploding regression, seed 001's sigmoid stack, and a healthy run), one Prometheus
+rank, the exploding unscaled regression, the vanishing sigmoid stack, and a healthy run), one Prometheus
 scraping their rank-0 endpoints every second with deploy/'s config and rule file, the aggregator,
 and Alertmanager (deploy/'s routing) notifying the test's webhook receiver - the pager.
 
@@ -49,7 +49,7 @@ def test_faults_page_through_prometheus_aggregator_and_alertmanager(tmp_path: Pa
     prom = prometheus(tmp_path, [f"127.0.0.1:{p}" for p in ports.values()])
     am = alertmanager(tmp_path, pager.url)
     with running(prom, am):
-        agg = aggregator(tmp_path, prom.ready_url.rsplit("/-/", 1)[0], am.ready_url.rsplit("/-/", 1)[0], rules, tmp_path / "state.db")
+        agg = aggregator(tmp_path, prom.url, am.url, rules, tmp_path / "state.db")
         with running(agg), cf.ThreadPoolExecutor(len(JOBS)) as pool:
             futures = {
                 job: pool.submit(launch, "alerting", 2, tmp_path / job, timeout=240,

@@ -76,7 +76,7 @@ def test_a_stalled_job_pages_naming_the_missing_rank_and_every_rank_dumps_its_st
     am = alertmanager(tmp_path, pager.url)
     stalled_dir, healthy_dir = tmp_path / "stalled", tmp_path / "healthy"
     with running(prom, am):
-        agg = aggregator(tmp_path, prom.ready_url.rsplit("/-/", 1)[0], am.ready_url.rsplit("/-/", 1)[0], rules,
+        agg = aggregator(tmp_path, prom.url, am.url, rules,
                          tmp_path / "state.db", token=TOKEN)
         with running(agg):
             common = dict(seconds_per_step=0.25, heartbeat_s=0.5, url=agg.url, token=TOKEN)

@@ -1,13 +1,13 @@
-"""Models and data the tests and examples train: the seeds' networks, made deterministic. One
+"""Models and data the tests and examples train: the demo's scenario networks, made deterministic. One
 source with the demo's scenarios (gradwatch.demo.scenarios), so a test and the demo train the same;
 plus `dead_and_saturated`, a variant for activation tests."""
 
 import torch
 from torch import nn
 
-from gradwatch.demo.scenarios import mixed_mlp, regression_data, seed003_model, sigmoid_stack
+from gradwatch.demo.scenarios import mixed_mlp, regression_data, unscaled_regression_model, sigmoid_stack
 
-__all__ = ["dead_and_saturated", "mixed_mlp", "regression_data", "seed003_model", "sigmoid_stack"]
+__all__ = ["dead_and_saturated", "mixed_mlp", "regression_data", "unscaled_regression_model", "sigmoid_stack"]
 
 
 def dead_and_saturated() -> nn.Sequential:

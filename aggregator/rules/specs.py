@@ -1,8 +1,8 @@
 """Rule specifications: the one source of truth for gradwatch's alerts.
 
 Each pathology is a pydantic model whose fields are its thresholds, with defaults taken from the
-tools users know (SageMaker Debugger, llm-foundry; see shared/ANCHORS.md) and from the seed
-documents' fixes. `RuleSet` holds one of each; a YAML file overrides any field of any rule, and
+tools users know (SageMaker Debugger's built-in rules, llm-foundry's callbacks) and from the
+standard fixes for each pathology. `RuleSet` holds one of each; a YAML file overrides any field of any rule, and
 everything left out keeps its default. `compile.py` turns a spec into PromQL.
 """
 
@@ -51,7 +51,7 @@ class RuleSpec(BaseModel):
     severity: Severity
     labels: dict[str, str] = Field(default_factory=dict, description="extra labels on the alert, e.g. team")
 
-    runbook: str = ""  # class default: the fixes a responder should try, from the seed documents
+    runbook: str = ""  # class default: the fixes a responder should try, per pathology
 
     @field_validator("labels")
     @classmethod

@@ -1,5 +1,5 @@
 """The remediation policy: firing alerts -> commands, with per-job rate limits, a learning-rate
-floor and a dry-run switch. Defaults (issue 4): exploding -> tighten the clip to a quantile of the
+floor and a dry-run switch. Defaults: exploding -> tighten the clip to a quantile of the
 job's recent gradient norms; exploding again within `repeat_window`, or NaN -> scale the learning
 rate by `lr_factor`; vanishing -> page only (no automatic fix exists for an architecture).
 Every decision, including the ones it declines, is in the audit log."""
