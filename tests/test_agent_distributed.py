@@ -18,6 +18,16 @@ def assert_close(agent: list[float], ref: list[float], what: str) -> None:
         assert a == pytest.approx(r, rel=REL, abs=1e-9, nan_ok=True), f"{what}[{i}]: agent {a} vs reference {r}"
 
 
+def assert_steps_match_reference(steps: list[dict], where: str) -> None:
+    """Every reported step's per-layer gradient norm, max-abs, weight norm and global norm equal the reference's."""
+    for step in steps:
+        at = f"{where}step {step['step']}"
+        assert_close(step["agent_grad"], step["ref_grad"], f"{at} layer grad norm")
+        assert_close(step["agent_max"], step["ref_max"], f"{at} layer grad max-abs")
+        assert_close(step["agent_weight"], step["ref_weight"], f"{at} weight norm")
+        assert step["agent_global"] == pytest.approx(step["ref_global"], rel=REL), f"{at} global norm"
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_norms_equal_single_process_reference(run_ranks, wrap, world_size):
@@ -27,11 +37,7 @@ def test_norms_equal_single_process_reference(run_ranks, wrap, world_size):
     r0 = results[0]
     assert r0["sharding"] == wrap
     assert [s["step"] for s in r0["steps"]] == [0, 1, 2, 3, 4, 5]
-    for step in r0["steps"]:
-        assert_close(step["agent_grad"], step["ref_grad"], f"step {step['step']} layer grad norm")
-        assert_close(step["agent_max"], step["ref_max"], f"step {step['step']} layer grad max-abs")
-        assert_close(step["agent_weight"], step["ref_weight"], f"step {step['step']} weight norm")
-        assert step["agent_global"] == pytest.approx(step["ref_global"], rel=REL)
+    assert_steps_match_reference(r0["steps"], "")
     # update ratios of steps 0 and 2 are measured at steps 1 and 3 (update_ratio_every=2)
     by_step = {s["step"]: s for s in r0["steps"]}
     for measured in (1, 3):
@@ -60,11 +66,7 @@ def test_multi_dimensional_layouts_equal_the_single_process_reference(run_ranks,
     r0 = results[0]
     assert r0["sharding"] == ("dtensor" if layout == "tp" else "fsdp2")
     assert [s["step"] for s in r0["steps"]] == [0, 1, 2, 3]
-    for step in r0["steps"]:
-        assert_close(step["agent_grad"], step["ref_grad"], f"{layout} step {step['step']} layer grad norm")
-        assert_close(step["agent_max"], step["ref_max"], f"{layout} step {step['step']} layer grad max-abs")
-        assert_close(step["agent_weight"], step["ref_weight"], f"{layout} step {step['step']} weight norm")
-        assert step["agent_global"] == pytest.approx(step["ref_global"], rel=REL)
+    assert_steps_match_reference(r0["steps"], f"{layout} ")
     by_step = {s["step"]: s for s in r0["steps"]}
     assert_close(by_step[1]["agent_update"], by_step[0]["ref_update"], f"{layout} update ratio of step 0")
     for other in results[1:]:
@@ -83,11 +85,8 @@ def test_pipeline_stages_report_one_job_wide_plan(run_ranks, mode):
     results = run_ranks("pipeline", 4, mode=mode, steps=4, nan_step=3)
     r0 = results[0]
     assert r0["layers"] == r0["ref_layers"]  # stage 0's parameters, then stage 1's: the whole model, once
+    assert_steps_match_reference(r0["steps"][:3], "pp ")
     for step in r0["steps"][:3]:
-        assert_close(step["agent_grad"], step["ref_grad"], f"pp step {step['step']} layer grad norm")
-        assert_close(step["agent_max"], step["ref_max"], f"pp step {step['step']} layer grad max-abs")
-        assert_close(step["agent_weight"], step["ref_weight"], f"pp step {step['step']} weight norm")
-        assert step["agent_global"] == pytest.approx(step["ref_global"], rel=REL)
         assert step["loss_mean"] == pytest.approx(step["ref_loss"], rel=REL)  # the two last-stage halves
     for r in results:
         assert r["layers"] == r0["layers"] and [s["agent_grad"] for s in r["steps"]] == [s["agent_grad"] for s in r0["steps"]]
