@@ -503,7 +503,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--models", nargs="+", default=["mlp", "gpt"], choices=["mlp", "gpt"])
     p.add_argument("--wraps", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2", *TWO_D])
     p.add_argument("--world", type=int, default=WORLD, help="ranks (4 for hsdp and fsdp2+tp)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if not c.endswith(PREVIOUS)], choices=CONFIGS)
     p.add_argument("--rounds", type=int, default=3, help="fresh runners, and a rotated order, each round")
     p.add_argument("--cycles", type=int, default=5, help="blocks per configuration per round")
     p.add_argument("--steps", type=int, default=10, help="steps per block (10 = one detail_every cycle)")

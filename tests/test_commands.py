@@ -91,6 +91,8 @@ def test_each_command_applies_on_every_rank_at_the_acknowledged_step(tmp_path: P
                                ("reset", {"kind": "reset"})):
                 ids[name] = submit(base, job, body)
                 acked(base, ids[name])
+                if name == "skip_steps":  # reset cancels skips still to come: let all 3 happen first (~10 steps)
+                    time.sleep(1.0)
             ranks = run.result()
         commands = {c["id"]: c for c in call(f"{base}/api/v1/commands?job={job}")[1]["commands"]}
         events = call(f"{base}/api/v1/audit?job={job}")[1]["events"]
@@ -104,6 +106,7 @@ def test_each_command_applies_on_every_rank_at_the_acknowledged_step(tmp_path: P
     skip = steps["skip_steps"]
     assert h0[skip + 2]["skipped"] - h0[skip - 1]["skipped"] == 3 and h0[-1]["skipped"] == 3
     reset = steps["reset"]
+    assert reset > skip + 2, "reset arrived before the 3 skips were done: the test's pacing, not the agent"
     assert h0[reset]["lr"] == 0.1 and h0[reset]["clip"] is None and changed_at(h0, "lr", steps["scale_lr"]) == reset
     assert ranks[0]["final"] == ranks[1]["final"]  # bitwise identical parameters across ranks
     assert commands[early]["state"] == "expired" and all(h["lr"] in (0.1, 0.05) for h in h0)  # 0.1x never applied
