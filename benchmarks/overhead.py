@@ -46,7 +46,8 @@ A regression check against another version of gradwatch (an earlier commit), sid
 run: install it apart under another name, then name its configurations (`grad@previous`,
 `guard@previous`: `grad` and `guard` run by that version's agent):
 
-    git worktree add /tmp/prev <commit> && .venv/bin/pip install -q --no-deps --target /tmp/prev-site /tmp/prev
+    mkdir /tmp/prev && git archive <commit> | tar -x -C /tmp/prev
+    .venv/bin/pip install -q --no-deps --target /tmp/prev-site /tmp/prev
     mv /tmp/prev-site/gradwatch /tmp/prev-site/gradwatch_previous   # its imports inside are relative
     .venv/bin/python benchmarks/overhead.py --previous /tmp/prev-site --configs baseline control grad grad@previous ...
 

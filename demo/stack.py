@@ -161,10 +161,10 @@ def aggregator_child(source: Sequence[str], state: Path, port: int, log: Path, r
 def start_embedded(children: Children, workdir: Path, rules: Path, metrics_port: int) -> Stack:
     """No Prometheus: the aggregator reads rank 0's /metrics itself (`--scrape`), evaluates the same
     rules in process and sends the same commands; no Alertmanager, so nothing is paged."""
-    port, token = free_port(), secrets.token_urlsafe(24)
-    children.start(aggregator_child(["--scrape", f"http://127.0.0.1:{metrics_port}/metrics", "--alertmanager-url", "none"],
-                                    workdir / "aggregator.sqlite", port, workdir / "aggregator.log", rules, token))
-    return Stack(f"http://127.0.0.1:{port}", token)
+    token = secrets.token_urlsafe(24)
+    aggregator = children.start(aggregator_child(["--scrape", f"http://127.0.0.1:{metrics_port}/metrics", "--alertmanager-url", "none"],
+                                                 workdir / "aggregator.sqlite", free_port(), workdir / "aggregator.log", rules, token))
+    return Stack(str(aggregator.url), token)
 
 
 def start(children: Children, workdir: Path, binaries: tuple[str, str], rules: Path, metrics_port: int) -> Stack:
@@ -177,12 +177,11 @@ def start(children: Children, workdir: Path, binaries: tuple[str, str], rules: P
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(
         prometheus_config(rule_file, [f"127.0.0.1:{metrics_port}"], f"127.0.0.1:{agg_port}")))
     (workdir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(pager.url)))
-    stack = Stack(f"http://127.0.0.1:{agg_port}", secrets.token_urlsafe(24), f"http://127.0.0.1:{prom_port}",
-                  f"http://127.0.0.1:{am_port}", pager)
-    children.start(alertmanager_child(alertmanager_bin, workdir / "alertmanager.yml", workdir / "alertmanager", am_port,
-                                      workdir / "alertmanager.log"))
-    children.start(prometheus_child(prometheus_bin, workdir / "prometheus.yml", workdir / "prometheus", prom_port,
-                                    workdir / "prometheus.log"))
-    children.start(aggregator_child(["--prometheus-url", str(stack.prometheus_url), "--alertmanager-url", str(stack.alertmanager_url)],
-                                    workdir / "aggregator.sqlite", agg_port, workdir / "aggregator.log", rules, stack.token))
-    return stack
+    token = secrets.token_urlsafe(24)
+    alertmanager = children.start(alertmanager_child(alertmanager_bin, workdir / "alertmanager.yml", workdir / "alertmanager",
+                                                     am_port, workdir / "alertmanager.log"))
+    prometheus = children.start(prometheus_child(prometheus_bin, workdir / "prometheus.yml", workdir / "prometheus", prom_port,
+                                                 workdir / "prometheus.log"))
+    aggregator = children.start(aggregator_child(["--prometheus-url", str(prometheus.url), "--alertmanager-url", str(alertmanager.url)],
+                                                 workdir / "aggregator.sqlite", agg_port, workdir / "aggregator.log", rules, token))
+    return Stack(str(aggregator.url), token, prometheus.url, alertmanager.url, pager)
